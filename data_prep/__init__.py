@@ -1,0 +1,1 @@
+"""From raw images and cameras to labelled correspondence datasets (h5)."""

@@ -1,0 +1,42 @@
+"""n3sets: the continuous KNN relaxation and N3 blocks over point sets (Ploetz & Roth, 2018).
+
+Public names are resolved lazily from their modules so that importing :mod:`n3sets` stays
+cheap and each module can be used on its own.
+"""
+import importlib
+
+_EXPORTS = {
+    # relaxation and blocks
+    "continuous_knn": "n3sets.knn",
+    "hard_knn": "n3sets.knn",
+    "N3Block": "n3sets.n3block",
+    "HardKNNBlock": "n3sets.n3block",
+    "to_dense_sets": "n3sets.batching",
+    # correspondence models
+    "CNNet": "n3sets.models",
+    "N3Net": "n3sets.models",
+    "context_norm": "n3sets.models",
+    # geometry, losses, metrics
+    "symmetric_epipolar_distance": "n3sets.geometry",
+    "weighted_eight_point": "n3sets.essential",
+    "pose_auc_map": "n3sets.metrics",
+    # weights and the user-facing API
+    "load_model": "n3sets.pretrained",
+    "save_model": "n3sets.pretrained",
+    "MatchFilter": "n3sets.match_filter",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'n3sets' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
