@@ -19,7 +19,7 @@ _EXPORTS = {
     # geometry, losses, metrics
     "symmetric_epipolar_distance": "n3sets.geometry",
     "weighted_eight_point": "n3sets.essential",
-    "pose_auc_map": "n3sets.metrics",
+    "mean_average_precision": "n3sets.metrics",
     # weights and the user-facing API
     "load_model": "n3sets.pretrained",
     "save_model": "n3sets.pretrained",
