@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+from n3sets.pose import (
+    angle_between_rotations,
+    decompose_essential,
+    pose_error,
+    recover_pose,
+    translation_angle,
+)
+
+
+def _skew(v):
+    z = torch.zeros_like(v[..., 0])
+    return torch.stack(
+        [z, -v[..., 2], v[..., 1], v[..., 2], z, -v[..., 0], -v[..., 1], v[..., 0], z], -1
+    ).view(*v.shape[:-1], 3, 3)
+
+
+def _rotation(axis_angle):
+    A = _skew(axis_angle)
+    return torch.linalg.matrix_exp(A)
+
+
+def _scene(B=6, N=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    R = _rotation(0.3 * torch.randn(B, 3, generator=g, dtype=torch.float64))
+    t = torch.randn(B, 3, generator=g, dtype=torch.float64)
+    t = t / t.norm(dim=-1, keepdim=True)
+    X = torch.randn(B, N, 3, generator=g, dtype=torch.float64)
+    X[..., 2] = 4 + 2 * X[..., 2].abs()
+    X2 = X @ R.transpose(1, 2) + t[:, None]
+    assert (X2[..., 2] > 0).all()
+    return R, t, X[..., :2] / X[..., 2:], X2[..., :2] / X2[..., 2:]
+
+
+def test_decompose_essential_contains_true_pose():
+    R, t, _, _ = _scene()
+    Rs, ts = decompose_essential(_skew(t) @ R)
+    assert Rs.shape == (6, 4, 3, 3) and ts.shape == (6, 4, 3)
+    eye = torch.eye(3, dtype=torch.float64)
+    assert torch.allclose(Rs @ Rs.transpose(-1, -2), eye.expand_as(Rs), atol=1e-10)
+    assert torch.allclose(torch.det(Rs), torch.ones(6, 4, dtype=torch.float64), atol=1e-10)
+    match = (angle_between_rotations(Rs, R[:, None]) < 1e-6) & (
+        (ts - t[:, None]).norm(dim=-1) < 1e-8
+    )
+    assert (match.sum(1) == 1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_recover_pose_noise_free_is_exact(dtype):
+    R, t, x1, x2 = _scene()
+    # E is only defined up to scale and sign
+    E = -2.5 * (_skew(t) @ R)
+    R_est, t_est, ok = recover_pose(E.to(dtype), x1.to(dtype), x2.to(dtype))
+    assert ok.all()
+    tol = 1e-6 if dtype == torch.float64 else 1e-3
+    assert angle_between_rotations(R_est.double(), R).max() < tol
+    assert (t_est.double() - t).norm(dim=-1).max() < tol  # sign resolved, unit norm
+    assert pose_error(R_est.double(), t_est.double(), R, t).max() < tol
+
+
+def test_recover_pose_mask_decides_votes():
+    R, t, x1, x2 = _scene(B=1, N=30)
+    # Points mirrored behind the cameras favour a wrong candidate; masked out, the true pose wins.
+    E = _skew(t) @ R
+    Rs, ts = decompose_essential(E)
+    # the candidate farthest from the truth (the other rotation)
+    wrong = int(pose_error(Rs[0], ts[0], R[0], t[0]).argmax())
+    Rw, tw = Rs[:, wrong], ts[:, wrong]
+    X = torch.randn(1, 60, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    X[..., 2] = 4 + X[..., 2].abs()
+    # points in front of both cameras for the wrong candidate are behind for the true one
+    X2 = X @ Rw.transpose(1, 2) + tw[:, None]
+    keep = X2[0, :, 2] > 0
+    X, X2 = X[:, keep], X2[:, keep]
+    y1 = torch.cat([x1, X[..., :2] / X[..., 2:]], 1)
+    y2 = torch.cat([x2, X2[..., :2] / X2[..., 2:]], 1)
+    assert X.shape[1] > x1.shape[1]
+    R_all, t_all, _ = recover_pose(E, y1, y2)
+    assert pose_error(R_all, t_all, R, t).item() > 1.0
+    mask = torch.zeros(1, y1.shape[1], dtype=torch.bool)
+    mask[:, : x1.shape[1]] = True
+    R_m, t_m, ok = recover_pose(E, y1, y2, mask=mask)
+    assert ok.all() and pose_error(R_m, t_m, R, t).item() < 1e-6
+
+
+def test_recover_pose_degenerate_fails():
+    R, t, x1, x2 = _scene(B=3)
+    E = _skew(t) @ R
+    E[0] = 0
+    E[1, 0, 0] = float("nan")
+    mask = torch.ones(3, x1.shape[1], dtype=torch.bool)
+    mask[2] = False
+    R_est, t_est, ok = recover_pose(E, x1, x2, mask=mask)
+    assert ok.tolist() == [False, False, False]
+    assert torch.isfinite(R_est).all() and torch.isfinite(t_est).all()
+    assert (pose_error(R_est, t_est, R, t, ok) == 180).all()
+
+
+def test_recover_pose_shape_errors():
+    E = torch.eye(3).expand(2, 3, 3)
+    with pytest.raises(ValueError, match=r"\(B, N, 2\)"):
+        recover_pose(E, torch.zeros(2, 5, 3), torch.zeros(2, 5, 3))
+    with pytest.raises(ValueError, match="mask"):
+        recover_pose(E, torch.zeros(2, 5, 2), torch.zeros(2, 5, 2), mask=torch.ones(2, 4))
+
+
+def test_angles():
+    axis = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    for deg in (0.0, 1e-4, 30.0, 90.0, 179.9, 180.0):
+        Rz = _rotation(axis * torch.deg2rad(torch.tensor(deg, dtype=torch.float64)))
+        assert angle_between_rotations(torch.eye(3, dtype=torch.float64), Rz).item() == pytest.approx(deg, abs=1e-6)
+    t = torch.tensor([1.0, 0.0, 0.0])
+    assert translation_angle(t, -3 * t).item() == pytest.approx(0.0, abs=1e-5)
+    assert translation_angle(t, torch.tensor([1.0, 1.0, 0.0])).item() == pytest.approx(45.0)
+    assert translation_angle(t, torch.tensor([-1.0, 1.0, 0.0])).item() == pytest.approx(45.0)
+    assert translation_angle(t, torch.tensor([0.0, 0.0, 2.0])).item() == pytest.approx(90.0)
+    # pose error is the max of both; NaN counts as failure
+    Rz = _rotation(axis * torch.deg2rad(torch.tensor(10.0)))
+    err = pose_error(Rz, torch.tensor([1.0, 1.0, 0.0]), torch.eye(3), t)
+    assert err.item() == pytest.approx(45.0, abs=1e-4)
+    err = pose_error(Rz, torch.tensor([float("nan"), 0, 0]), torch.eye(3), t)
+    assert err.item() == 180.0
