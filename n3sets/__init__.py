@@ -18,6 +18,10 @@ _EXPORTS = {
     "context_norm": "n3sets.models",
     # geometry, losses, metrics
     "symmetric_epipolar_distance": "n3sets.geometry",
+    "essential_from_pose": "n3sets.geometry",
+    "relative_pose": "n3sets.geometry",
+    "normalize_keypoints": "n3sets.geometry",
+    "skew": "n3sets.geometry",
     "weighted_eight_point": "n3sets.essential",
     "mean_average_precision": "n3sets.metrics",
     # weights and the user-facing API
