@@ -1,0 +1,275 @@
+"""Correspondence classifiers: CNNet (Yi et al. 2018) and N3Net (Ploetz & Roth 2018, Sec. 5.5).
+
+Both take a padded batch of putative matches ``x (B, C_in, N)`` -- the normalized coordinates
+``[x1, y1, x2, y2]``, optionally followed by side information ``[ratio, mutual]`` -- and a mask
+``(B, N)`` (True = real match) and return one logit per match ``(B, N)``. Every layer that pools
+over a set (context normalization, batch normalization, the N3 block) uses the valid items only,
+so in eval mode a padded batch gives the same logits per set as the sets one by one.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["CNNet", "N3Net", "context_norm", "MaskedBatchNorm1d", "model_inputs", "PADDED_LOGIT"]
+
+# Logit written at padded positions: sigmoid -> 0 and relu(tanh(.)) -> 0, still finite.
+PADDED_LOGIT = -1e4
+
+
+def _check_inputs(x: torch.Tensor, mask: torch.Tensor | None, channels: int) -> torch.Tensor:
+    if x.dim() != 3 or x.shape[1] != channels:
+        raise ValueError(f"x must have shape (B, {channels}, N), got {tuple(x.shape)}")
+    if mask is None:
+        return torch.ones(x.shape[0], x.shape[2], dtype=torch.bool, device=x.device)
+    if mask.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(f"mask must have shape (B, N) = {(x.shape[0], x.shape[2])}, got {tuple(mask.shape)}")
+    return mask.to(torch.bool)
+
+
+def context_norm(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-3) -> torch.Tensor:
+    """Context normalization: per-set, per-channel normalization over the valid items.
+
+    Args:
+        x: ``(B, C, N)`` features.
+        mask: optional ``(B, N)`` bool, True for valid items.
+        eps: added to the variance (Yi et al. use 1e-3; it also keeps sets of one item finite).
+
+    Returns:
+        ``(B, C, N)``; padded positions are set to 0.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (B, C, N), got {tuple(x.shape)}")
+    if mask is None:
+        mean = x.mean(-1, keepdim=True)
+        var = x.var(-1, unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + eps)
+    if mask.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(f"mask must have shape (B, N) = {(x.shape[0], x.shape[2])}, got {tuple(mask.shape)}")
+    m = mask.unsqueeze(1).to(x.dtype)                                    # (B, 1, N)
+    count = m.sum(-1, keepdim=True).clamp_min(1.0)
+    xm = x * m  # padded items may hold anything; they must not enter the statistics
+    mean = xm.sum(-1, keepdim=True) / count
+    var = (((x - mean) * m) ** 2).sum(-1, keepdim=True) / count
+    return (x - mean) * torch.rsqrt(var + eps) * m
+
+
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over ``(B, C, N)`` whose training statistics use the valid items only.
+
+    In eval mode the running statistics are applied per item, so padding cannot matter; in
+    training mode the batch mean/variance are taken over all valid items of all sets (padded
+    items would otherwise pull them towards whatever the padding holds). State-dict compatible
+    with :class:`torch.nn.BatchNorm1d`.
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None or not self.training or not self.track_running_stats:
+            out = super().forward(x)
+            return out if mask is None else out * mask.unsqueeze(1).to(out.dtype)
+        m = mask.unsqueeze(1).to(x.dtype)
+        count = m.sum().clamp_min(1.0)
+        mean = (x * m).sum((0, 2)) / count
+        var = (((x - mean[None, :, None]) * m) ** 2).sum((0, 2)) / count
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            unbiased = var * (count / (count - 1.0).clamp_min(1.0))
+            self.running_mean.mul_(1 - momentum).add_(momentum * mean)
+            self.running_var.mul_(1 - momentum).add_(momentum * unbiased)
+        out = (x - mean[None, :, None]) * torch.rsqrt(var[None, :, None] + self.eps)
+        if self.affine:
+            out = out * self.weight[None, :, None] + self.bias[None, :, None]
+        return out * m
+
+
+class ResidualCNBlock(nn.Module):
+    """Two times (1x1 conv, context norm, batch norm, ReLU) plus the identity (Yi et al.)."""
+
+    def __init__(self, channels: int, cn_eps: float = 1e-3, bn_momentum: float = 0.1):
+        super().__init__()
+        self.channels, self.cn_eps = channels, cn_eps
+        self.conv1 = nn.Conv1d(channels, channels, 1)
+        self.bn1 = MaskedBatchNorm1d(channels, momentum=bn_momentum)
+        self.conv2 = nn.Conv1d(channels, channels, 1)
+        self.bn2 = MaskedBatchNorm1d(channels, momentum=bn_momentum)
+
+    def reset_parameters(self):
+        for layer in (self.conv1, self.bn1, self.conv2, self.bn2):
+            layer.reset_parameters()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(context_norm(self.conv1(x), mask, self.cn_eps), mask))
+        y = F.relu(self.bn2(context_norm(self.conv2(y), mask, self.cn_eps), mask))
+        return x + y
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+
+def _merge_conf(default: dict, conf: dict | None, kwargs: dict) -> dict:
+    merged = copy.deepcopy(default)
+    for source in (conf or {}, kwargs):
+        for key, value in source.items():
+            if key not in merged:
+                raise ValueError(f"unknown configuration key {key!r}; known: {sorted(merged)}")
+            if isinstance(merged[key], dict) and isinstance(value, dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    return merged
+
+
+class CNNet(nn.Module):
+    """Context normalization network of Yi et al. (2018): per-match logits for a set of matches.
+
+    ``x (B, C_in, N) -> 1x1 conv to C -> num_blocks residual CN blocks -> 1x1 conv -> (B, N)``.
+
+    Configuration (``default_conf``, overridden by a ``conf`` dict and/or keyword arguments):
+        side_info: add ``[ratio, mutual]`` input channels (``in_channels`` becomes 6).
+        in_channels: None (derived from side_info) or the explicit input width.
+        channels: feature width C; num_blocks: residual blocks; cn_eps, bn_momentum.
+    """
+
+    default_conf = {
+        "side_info": False,
+        "in_channels": None,
+        "channels": 128,
+        "num_blocks": 12,
+        "cn_eps": 1e-3,
+        "bn_momentum": 0.1,
+    }
+
+    def __init__(self, conf: dict | None = None, **kwargs):
+        super().__init__()
+        conf = _merge_conf(self.default_conf, conf, kwargs)
+        expected = 6 if conf["side_info"] else 4
+        if conf["in_channels"] is None:
+            conf["in_channels"] = expected
+        elif conf["in_channels"] != expected:
+            raise ValueError(f"in_channels={conf['in_channels']} does not match side_info={conf['side_info']} "
+                             f"(expected {expected})")
+        self.conf = conf
+        C = conf["channels"]
+        self.input_proj = nn.Conv1d(conf["in_channels"], C, 1)
+        self.blocks = nn.ModuleList(
+            ResidualCNBlock(C, conf["cn_eps"], conf["bn_momentum"]) for _ in range(conf["num_blocks"]))
+        self.output = nn.Conv1d(C, 1, 1)
+
+    def reset_parameters(self):
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def _run_block(self, i: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.blocks[i](x, mask)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, N)`` for ``x (B, C_in, N)`` and ``mask (B, N)`` (padded logits = PADDED_LOGIT)."""
+        mask = _check_inputs(x, mask, self.conf["in_channels"])
+        m = mask.unsqueeze(1).to(x.dtype)
+        # padding may hold NaN/inf from the caller; zero it before it enters any layer
+        h = self.input_proj(torch.where(mask.unsqueeze(1), x, torch.zeros_like(x))) * m
+        for i in range(len(self.blocks)):
+            h = self._run_block(i, h, mask)
+        logits = self.output(h).squeeze(1)
+        return logits.masked_fill(~mask, PADDED_LOGIT)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.conf.items())
+
+
+class N3Net(CNNet):
+    """CNNet with an N3 block (global continuous KNN over the set) after block ``n3_after``.
+
+    Before the block a 1x1 conv reduces C to ``C // (k + 1)`` channels, so that the block's
+    output -- the input followed by its k neighbour volumes -- has C channels again (paper
+    Sec. 5.5); if C is not divisible by k + 1 a 1x1 conv restores C. The N3 block's embedding
+    and temperature networks are MLPs of depth ``embed_depth`` / ``temp_depth``.
+
+    Extra configuration: n3_after (blocks before the N3 block), k, embed_channels,
+    embed_depth, temp_depth, relaxation ("continuous" | "hard"), impl, n3block (dict of further
+    keyword arguments for :class:`n3sets.n3block.N3Block`).
+    """
+
+    default_conf = {
+        **CNNet.default_conf,
+        "n3_after": 6,
+        "k": 7,
+        "embed_channels": 32,
+        "embed_depth": 3,
+        "temp_depth": 3,
+        "relaxation": "continuous",
+        "impl": "auto",
+        "n3block": {},
+    }
+
+    def __init__(self, conf: dict | None = None, **kwargs):
+        super().__init__(conf, **kwargs)
+        from .n3block import N3Block  # the block lives in its own module (helper A)
+
+        conf = self.conf
+        C, k = conf["channels"], conf["k"]
+        if not 0 <= conf["n3_after"] <= conf["num_blocks"]:
+            raise ValueError(f"n3_after must be in [0, num_blocks={conf['num_blocks']}], got {conf['n3_after']}")
+        block_in = C // (k + 1)
+        if block_in < 1:
+            raise ValueError(f"channels={C} is too small for k={k}: need channels >= k + 1")
+        self.n3_reduce = nn.Conv1d(C, block_in, 1)
+        self.n3 = N3Block(block_in, k=k, embed_channels=conf["embed_channels"], embed_depth=conf["embed_depth"],
+                          temp_depth=conf["temp_depth"], impl=conf["impl"], relaxation=conf["relaxation"],
+                          **conf["n3block"])
+        out = (k + 1) * block_in
+        self.n3_expand = nn.Conv1d(out, C, 1) if out != C else None
+
+    def _run_block(self, i: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if i == self.conf["n3_after"]:
+            x = self._n3(x, mask)
+        return self.blocks[i](x, mask)
+
+    def _n3(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.n3_reduce(x) * mask.unsqueeze(1).to(x.dtype)
+        h = self.n3(h, mask)
+        if self.n3_expand is not None:
+            h = self.n3_expand(h)
+        return h * mask.unsqueeze(1).to(h.dtype)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, N)`` for ``x (B, C_in, N)`` and ``mask (B, N)`` (padded logits = PADDED_LOGIT)."""
+        if self.conf["n3_after"] == self.conf["num_blocks"]:
+            # block after the last residual block: run it before the output layer
+            mask_ = _check_inputs(x, mask, self.conf["in_channels"])
+            m = mask_.unsqueeze(1).to(x.dtype)
+            h = self.input_proj(torch.where(mask_.unsqueeze(1), x, torch.zeros_like(x))) * m
+            for block in self.blocks:
+                h = block(h, mask_)
+            h = self._n3(h, mask_)
+            return self.output(h).squeeze(1).masked_fill(~mask_, PADDED_LOGIT)
+        return super().forward(x, mask)
+
+
+def model_inputs(xs: torch.Tensor, ratio: torch.Tensor | None = None, mutual: torch.Tensor | None = None,
+                 side_info: bool = False) -> torch.Tensor:
+    """Stack model inputs ``(B, C_in, N)`` from normalized matches and optional side information.
+
+    Args:
+        xs: ``(B, N, 4)`` normalized coordinates ``[x1, y1, x2, y2]``.
+        ratio: ``(B, N)`` Lowe ratio of each match (needed when side_info).
+        mutual: ``(B, N)`` mutual-nearest-neighbour flag (needed when side_info).
+        side_info: append ratio and mutual as channels 4 and 5.
+    """
+    if xs.dim() != 3 or xs.shape[-1] != 4:
+        raise ValueError(f"xs must have shape (B, N, 4), got {tuple(xs.shape)}")
+    x = xs.transpose(1, 2)
+    if not side_info:
+        return x.contiguous()
+    for name, value in (("ratio", ratio), ("mutual", mutual)):
+        if value is None:
+            raise ValueError(f"{name} is required when side_info=True")
+        if value.shape != xs.shape[:2]:
+            raise ValueError(f"{name} must have shape (B, N) = {tuple(xs.shape[:2])}, got {tuple(value.shape)}")
+    extra = torch.stack([ratio.to(xs.dtype), mutual.to(xs.dtype)], dim=1)
+    return torch.cat([x, extra], dim=1).contiguous()

@@ -1,0 +1,138 @@
+"""Saving and loading correspondence models with their configuration.
+
+A weight file is a ``torch.save`` dict::
+
+    {"format": "n3sets-model", "version": 1, "class": "N3Net", "conf": {...},
+     "state_dict": {...}, "meta": {"command": ..., "data": ..., "epochs": ..., "val_mAP20": ...}}
+
+so ``load_model`` needs no flags. Shipped files live in ``n3sets/weights/NAME.pt`` and are
+loaded by name (``load_model("n3net-strecha")``); any path works too.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["save_model", "load_model", "resolve_weights", "available_models", "WEIGHTS_DIR", "MODEL_CLASSES"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+FORMAT = "n3sets-model"
+VERSION = 1
+
+
+def _model_classes() -> dict:
+    from .models import CNNet, N3Net
+
+    return {"CNNet": CNNet, "N3Net": N3Net}
+
+
+MODEL_CLASSES = ("CNNet", "N3Net")
+
+
+def available_models() -> list[str]:
+    """Names of the shipped weight files (``n3sets/weights/*.pt`` without the suffix)."""
+    if not WEIGHTS_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
+
+
+def resolve_weights(name_or_path) -> Path:
+    """Path of a weight file given a shipped name (``"n3net-strecha"``) or a file path.
+
+    Raises:
+        FileNotFoundError: neither an existing file nor a shipped name; the message lists
+            the available names.
+    """
+    path = Path(os.fspath(name_or_path)).expanduser()
+    if path.is_file():
+        return path
+    shipped = WEIGHTS_DIR / f"{path.name}.pt" if path.suffix != ".pt" else WEIGHTS_DIR / path.name
+    if len(path.parts) == 1 and shipped.is_file():
+        return shipped
+    names = available_models()
+    raise FileNotFoundError(
+        f"no weight file {str(name_or_path)!r}: not an existing path and not a shipped model name "
+        f"(available: {', '.join(names) if names else 'none'}; shipped files live in {WEIGHTS_DIR})")
+
+
+def _plain(value, where: str):
+    """Check that meta/conf hold only plain Python values (loadable with weights_only=True)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v, where) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    raise ValueError(f"{where} must hold plain values (str, int, float, bool, list, dict), got {type(value).__name__}")
+
+
+def atomic_torch_save(obj, path) -> Path:
+    """``torch.save`` to a temporary file in the target folder, then ``os.replace`` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_model(path, model: torch.nn.Module, **meta) -> Path:
+    """Write ``model`` (class name + conf + weights) and ``meta`` to ``path`` atomically.
+
+    Args:
+        path: target file (``.pt``); parent folders are created.
+        model: a :class:`~n3sets.models.CNNet` or :class:`~n3sets.models.N3Net` (a DDP wrapper is unwrapped).
+        **meta: plain values describing how the weights were made (command, data, epochs, val mAP...).
+    """
+    model = getattr(model, "module", model)
+    name = type(model).__name__
+    if name not in MODEL_CLASSES:
+        raise ValueError(f"model must be one of {MODEL_CLASSES}, got {name}")
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "class": name,
+        "conf": _plain(dict(model.conf), "conf"),
+        "state_dict": state,
+        "meta": _plain(dict(meta), "meta"),
+    }
+    return atomic_torch_save(payload, path)
+
+
+def read_weight_file(name_or_path, map_location="cpu") -> dict:
+    """The raw dict of a weight file (see module docstring), validated."""
+    path = resolve_weights(name_or_path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt or foreign file: say which one
+        raise ValueError(f"cannot read weight file {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an n3sets model file (missing format={FORMAT!r}); "
+                         "training checkpoints are exported with pipelines/train_corr.py --export")
+    if payload.get("class") not in MODEL_CLASSES:
+        raise ValueError(f"{path}: unknown model class {payload.get('class')!r}")
+    payload["path"] = str(path)
+    return payload
+
+
+def load_model(name_or_path, map_location="cpu") -> torch.nn.Module:
+    """Model from a shipped name or a weight file, in eval mode; ``model.meta`` holds the meta dict."""
+    payload = read_weight_file(name_or_path, map_location)
+    model = _model_classes()[payload["class"]](payload["conf"])
+    model.load_state_dict(payload["state_dict"])
+    model.meta = payload.get("meta", {})
+    return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
