@@ -122,3 +122,53 @@ def test_angles():
     assert err.item() == pytest.approx(45.0, abs=1e-4)
     err = pose_error(Rz, torch.tensor([float("nan"), 0, 0]), torch.eye(3), t)
     assert err.item() == 180.0
+
+
+# --- robust estimation (n3sets.robust, OpenCV) ---------------------------------------------
+
+
+def _noisy_matches(N=200, outlier_ratio=0.4, noise=2e-4, seed=0):
+    R, t, x1, x2 = _scene(B=1, N=N, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    x1, x2 = x1[0].clone(), x2[0] + noise * torch.randn(N, 2, generator=g, dtype=torch.float64)
+    n_out = int(outlier_ratio * N)
+    x2[:n_out] = x2[torch.randperm(N, generator=g)[:n_out]]  # wrong partners, realistic range
+    label = torch.ones(N, dtype=torch.bool)
+    label[:n_out] = False
+    return R[0], t[0], x1, x2, label
+
+
+@pytest.mark.parametrize("method", ["ransac", "magsac"])
+def test_robust_recovers_pose_with_outliers(method):
+    from n3sets.robust import estimate_essential
+
+    for seed in range(3):
+        R, t, x1, x2, label = _noisy_matches(seed=seed)
+        out = estimate_essential(x1, x2, method=method, seed=0)
+        assert out["ok"]
+        assert pose_error(out["R"], out["t"], R, t).item() < 2.0
+        inl = out["inliers"]
+        assert inl.shape == label.shape and inl.dtype == torch.bool
+        # nearly all true matches kept, few wrong partners accepted
+        assert (inl & label).sum() >= 0.9 * label.sum()
+        assert (inl & ~label).sum() <= 0.1 * (~label).sum()
+        # E is consistent with the returned pose up to scale
+        E_pose = _skew(out["t"]) @ out["R"]
+        E = out["E"] / out["E"].norm()
+        E_pose = E_pose / E_pose.norm()
+        assert min((E - E_pose).norm(), (E + E_pose).norm()) < 1e-6
+
+
+def test_robust_is_seeded_and_fails_cleanly():
+    from n3sets.robust import estimate_essential
+
+    R, t, x1, x2, _ = _noisy_matches(outlier_ratio=0.6, seed=1)
+    a = estimate_essential(x1, x2, "ransac", seed=5)
+    b = estimate_essential(x1, x2, "ransac", seed=5)
+    assert torch.equal(a["E"], b["E"]) and torch.equal(a["inliers"], b["inliers"])
+    few = estimate_essential(x1[:4], x2[:4], "magsac")
+    assert few["ok"] is False and few["inliers"].shape == (4,) and not few["inliers"].any()
+    with pytest.raises(ValueError, match="method"):
+        estimate_essential(x1, x2, "lmeds")
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        estimate_essential(x1[:, :1], x2, "ransac")
