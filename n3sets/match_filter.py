@@ -1,0 +1,391 @@
+"""Learned outlier filtering of putative matches: the user-facing MatchFilter API.
+
+A :class:`MatchFilter` wraps a pretrained correspondence classifier (CNNet or N3Net). Given the
+pixel keypoints of putative matches between two images and the two intrinsic matrices it
+returns, per match, the inlier probability and an inlier mask, and for the pair an essential
+matrix with the relative pose (``x2 = R x1 + t``, ``E = [t]_x R``; architecture.md).
+
+    >>> mf = MatchFilter.from_pretrained("n3net-strecha")
+    >>> res = mf.filter(kpts1, kpts2, K1, K2)          # (N, 2) pixels, (3, 3) intrinsics
+    >>> res.inliers.sum(), res.R, res.t, res.reason
+
+Pose estimation (``refine``):
+
+- ``"ransac"`` (default) / ``"magsac"``: OpenCV's robust essential-matrix estimator
+  (:func:`n3sets.robust.estimate_essential`) on the matches the network keeps; the final inliers
+  are the kept matches that are also consistent with that E.
+- ``None``: the paper's estimator, the weighted eight-point algorithm on all matches with the
+  weights ``relu(tanh(logit))`` (:func:`n3sets.essential.weighted_eight_point`), then the
+  cheirality test (:func:`n3sets.pose.recover_pose`) on the kept matches.
+
+Inputs are checked at the boundary: wrong shapes and NaN/inf values raise ``ValueError`` naming
+the argument. Too few matches never raise: the result has no pose and ``reason`` says why.
+Outputs are NumPy arrays whatever the input type, since SfM tools consume NumPy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["MatchFilter", "FilterResult", "MIN_MATCHES"]
+
+#: The eight-point algorithm (and OpenCV's five-point RANSAC, which needs 5 but is unstable with
+#: fewer than 8) cannot estimate an essential matrix from fewer matches than this.
+MIN_MATCHES = 8
+
+_REFINE_METHODS = (None, "ransac", "magsac")
+
+
+@dataclass
+class FilterResult:
+    """Result of :meth:`MatchFilter.filter` for one image pair.
+
+    Attributes:
+        prob: ``(N,)`` float32 inlier probability of every putative match (sigmoid of the logit).
+        inliers: ``(N,)`` bool final inlier mask: ``prob > threshold``, and with RANSAC
+            refinement also consistent with the estimated E.
+        E: ``(3, 3)`` essential matrix (``x2^T E x1 = 0`` for normalized points), or None.
+        R: ``(3, 3)`` rotation of the relative pose ``x2 = R x1 + t``, or None.
+        t: ``(3,)`` unit translation direction, or None.
+        reason: empty when a pose was found, otherwise why not (too few matches, degenerate...).
+        threshold: the probability threshold used.
+        refine: the refinement used (``"ransac"``, ``"magsac"`` or None).
+    """
+
+    prob: np.ndarray
+    inliers: np.ndarray
+    E: np.ndarray | None = None
+    R: np.ndarray | None = None
+    t: np.ndarray | None = None
+    reason: str = ""
+    threshold: float = 0.5
+    refine: str | None = "ransac"
+    num_kept: int = field(default=0)
+
+    @property
+    def ok(self) -> bool:
+        """True when a pose (E, R, t) was estimated."""
+        return self.E is not None
+
+    @property
+    def num_matches(self) -> int:
+        return int(self.prob.shape[0])
+
+    @property
+    def num_inliers(self) -> int:
+        return int(self.inliers.sum())
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (lists instead of arrays)."""
+        as_list = lambda a: None if a is None else np.asarray(a).tolist()  # noqa: E731
+        return {
+            "ok": self.ok,
+            "reason": self.reason,
+            "num_matches": self.num_matches,
+            "num_kept": self.num_kept,
+            "num_inliers": self.num_inliers,
+            "threshold": self.threshold,
+            "refine": self.refine,
+            "E": as_list(self.E),
+            "R": as_list(self.R),
+            "t": as_list(self.t),
+        }
+
+    def __repr__(self) -> str:
+        pose = "pose found" if self.ok else f"no pose: {self.reason}"
+        return (
+            f"FilterResult(num_matches={self.num_matches}, num_inliers={self.num_inliers}, "
+            f"threshold={self.threshold}, refine={self.refine!r}, {pose})"
+        )
+
+
+def _to_numpy(x, name: str) -> np.ndarray:
+    """float64 NumPy copy of an array-like or tensor (detached, on the CPU)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a numeric array, got {type(x).__name__}: {err}") from None
+
+
+def _check_keypoints(kpts, name: str) -> np.ndarray:
+    arr = _to_numpy(kpts, name)
+    # An empty list has shape (0,); accept it as "no matches" rather than a shape error.
+    if arr.size == 0 and arr.ndim <= 2:
+        return arr.reshape(0, 2)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"{name} must have shape (N, 2) (pixel x, y per match), got {arr.shape}")
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"{name} contains {int(bad.sum())} non-finite (NaN or inf) coordinates, first at row "
+            f"{int(np.flatnonzero(bad)[0])}; remove those matches first"
+        )
+    return arr
+
+
+def _check_intrinsics(K, name: str) -> np.ndarray:
+    arr = _to_numpy(K, name)
+    if arr.shape != (3, 3):
+        raise ValueError(f"{name} must be a (3, 3) intrinsic matrix, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+    # A singular K cannot map pixels to rays; the focal lengths are on its diagonal.
+    if abs(np.linalg.det(arr)) < 1e-12 or arr[0, 0] == 0 or arr[1, 1] == 0:
+        raise ValueError(f"{name} is singular (focal lengths fx={arr[0, 0]}, fy={arr[1, 1]}); expected [[fx,0,cx],[0,fy,cy],[0,0,1]]")
+    return arr
+
+
+def _check_side(x, name: str, n: int) -> np.ndarray:
+    arr = _to_numpy(x, name).reshape(-1) if x is not None else None
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must have shape (N,) = ({n},) like the keypoints, got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+    return arr
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None or device == "cpu":
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was requested but CUDA is not available; use device='cpu' or 'auto'")
+    return dev
+
+
+def _distinct_matches(x1: np.ndarray, x2: np.ndarray) -> int:
+    """Number of distinct (x1, x2) correspondences (duplicates add no constraint to E)."""
+    if x1.shape[0] == 0:
+        return 0
+    return int(np.unique(np.concatenate([x1, x2], axis=1), axis=0).shape[0])
+
+
+class MatchFilter:
+    """Inlier classification and relative pose for putative matches of an image pair.
+
+    Args:
+        model: a correspondence classifier (``forward(x (B, C_in, N), mask) -> logits (B, N)``)
+            with a ``conf`` dict; ``conf["side_info"]`` tells whether it also needs the ratio
+            and mutual side information.
+        device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, ... or ``"auto"`` (CUDA when
+            available). Requesting CUDA without it raises ``ValueError``.
+        **conf: overrides of :attr:`default_conf`.
+    """
+
+    default_conf = {
+        "threshold": 0.5,  # inlier probability threshold (0.5 is logit > 0, the trained decision)
+        "refine": "ransac",
+        # RANSAC/MAGSAC inlier threshold in normalized units (K^-1 applied); None takes
+        # n3sets.robust.DEFAULT_THRESHOLDS, the values the evaluation uses (1e-3 for RANSAC,
+        # about 1 px at a focal length of 1000 px).
+        "ransac_threshold": None,
+        "ransac_confidence": 0.999,
+        "seed": 0,
+        "max_batch_matches": 200_000,  # cap on B * Nmax per network call in filter_batch
+    }
+
+    def __init__(self, model: torch.nn.Module, device="cpu", **conf):
+        unknown = set(conf) - set(self.default_conf)
+        if unknown:
+            raise ValueError(f"unknown MatchFilter option(s) {sorted(unknown)}; known: {sorted(self.default_conf)}")
+        self.conf = {**self.default_conf, **conf}
+        self.device = _resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.name = getattr(model, "name", type(model).__name__)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = "n3net-strecha", device="cpu", **conf) -> "MatchFilter":
+        """Load a shipped model by name (``"n3net-strecha"``, ``"cnnet-strecha"``) or a weight file path."""
+        from .pretrained import load_model
+
+        model = load_model(name_or_path, map_location="cpu")
+        mf = cls(model, device=device, **conf)
+        mf.name = Path(str(name_or_path)).stem if str(name_or_path).endswith(".pt") else str(name_or_path)
+        return mf
+
+    @property
+    def side_info(self) -> bool:
+        """Whether the model needs the ratio and mutual side information."""
+        return bool(getattr(self.model, "conf", {}).get("side_info", False))
+
+    def __repr__(self) -> str:
+        return f"MatchFilter(model={self.name!r}, side_info={self.side_info}, device={str(self.device)!r}, conf={self.conf})"
+
+    # ------------------------------------------------------------------ public API
+
+    def filter(self, kpts1, kpts2, K1, K2, threshold: float | None = None, refine: str | None = "ransac",
+               ratio=None, mutual=None) -> FilterResult:
+        """Classify the putative matches of one pair and estimate its relative pose.
+
+        Args:
+            kpts1: ``(N, 2)`` pixel keypoints in image 1 (NumPy or torch); row i matches row i of kpts2.
+            kpts2: ``(N, 2)`` pixel keypoints in image 2.
+            K1, K2: ``(3, 3)`` intrinsics of the two images (pixels).
+            threshold: inlier probability threshold in ``[0, 1]`` (default ``conf["threshold"]``).
+            refine: ``"ransac"`` (default), ``"magsac"`` or None (weighted eight-point, no RANSAC).
+            ratio: ``(N,)`` Lowe ratios of the matches; required when the model uses side information.
+            mutual: ``(N,)`` bool, whether each match is a mutual nearest neighbour; same.
+
+        Returns:
+            :class:`FilterResult`. Any N >= 0 is accepted; with fewer than 8 usable matches the
+            result has ``E = R = t = None`` and ``reason`` explains.
+        """
+        return self.filter_batch([kpts1], [kpts2], [K1], [K2], threshold=threshold, refine=refine,
+                                 ratio=None if ratio is None else [ratio],
+                                 mutual=None if mutual is None else [mutual])[0]
+
+    def filter_batch(self, kpts1: Sequence, kpts2: Sequence, K1: Sequence, K2: Sequence,
+                     threshold: float | None = None, refine: str | None = "ransac",
+                     ratio: Sequence | None = None, mutual: Sequence | None = None) -> list[FilterResult]:
+        """:meth:`filter` for many pairs: the network runs on padded batches (sets of different sizes).
+
+        Args:
+            kpts1, kpts2: sequences of ``(N_i, 2)`` pixel keypoints, one entry per pair.
+            K1, K2: sequences of ``(3, 3)`` intrinsics, one per pair.
+            threshold, refine: as in :meth:`filter`, shared by all pairs.
+            ratio, mutual: sequences of ``(N_i,)`` arrays, or None.
+
+        Returns:
+            one :class:`FilterResult` per pair, in order.
+        """
+        threshold = self.conf["threshold"] if threshold is None else float(threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be an inlier probability in [0, 1], got {threshold}")
+        if refine not in _REFINE_METHODS:
+            raise ValueError(f"refine must be one of {_REFINE_METHODS}, got {refine!r}")
+        B = len(kpts1)
+        for name, seq in (("kpts2", kpts2), ("K1", K1), ("K2", K2)) + (
+                (("ratio", ratio),) if ratio is not None else ()) + (
+                (("mutual", mutual),) if mutual is not None else ()):
+            if len(seq) != B:
+                raise ValueError(f"{name} has {len(seq)} entries but kpts1 has {B}; give one per pair")
+        if self.side_info and (ratio is None or mutual is None):
+            raise ValueError(
+                f"model {self.name!r} was trained with side information: pass ratio= and mutual= "
+                "(the Lowe ratio and mutual-nearest-neighbour flag of every match, shape (N,))"
+            )
+
+        pairs = []
+        for i in range(B):
+            tag = f"[pair {i}]" if B > 1 else ""
+            x1 = _check_keypoints(kpts1[i], f"kpts1{tag}")
+            x2 = _check_keypoints(kpts2[i], f"kpts2{tag}")
+            if x1.shape != x2.shape:
+                raise ValueError(f"kpts1{tag} and kpts2{tag} must both be (N, 2) with the same N, got {x1.shape} and {x2.shape}")
+            k1 = _check_intrinsics(K1[i], f"K1{tag}")
+            k2 = _check_intrinsics(K2[i], f"K2{tag}")
+            n = x1.shape[0]
+            r = m = None
+            if self.side_info:
+                r = _check_side(ratio[i], f"ratio{tag}", n)
+                m = _check_side(mutual[i], f"mutual{tag}", n)
+            pairs.append((x1, x2, k1, k2, r, m))
+
+        logits = self._logits(pairs)
+        return [self._estimate(p, lg, threshold, refine) for p, lg in zip(pairs, logits)]
+
+    # ------------------------------------------------------------------ internals
+
+    def _normalize(self, x1, x2, k1, k2) -> tuple[torch.Tensor, torch.Tensor]:
+        from .geometry import normalize_keypoints
+
+        n1 = normalize_keypoints(torch.from_numpy(x1), torch.from_numpy(k1))
+        n2 = normalize_keypoints(torch.from_numpy(x2), torch.from_numpy(k2))
+        return n1, n2
+
+    @torch.no_grad()
+    def _logits(self, pairs) -> list[np.ndarray]:
+        """Network logits for every pair; pairs are padded into batches of bounded size."""
+        from .batching import to_dense_sets
+        from .models import model_inputs
+
+        out: list[np.ndarray] = [np.zeros(0, np.float32) for _ in pairs]
+        items = []  # (pair index, (C_in, N) input) for pairs with at least one match
+        for i, (x1, x2, k1, k2, r, m) in enumerate(pairs):
+            if x1.shape[0] == 0:
+                continue  # nothing to classify; the network would see an empty set
+            n1, n2 = self._normalize(x1, x2, k1, k2)
+            xs = torch.cat([n1, n2], dim=-1).float()[None]  # (1, N, 4)
+            side = {}
+            if self.side_info:
+                side = dict(ratio=torch.from_numpy(r).float()[None], mutual=torch.from_numpy(m).float()[None])
+            items.append((i, model_inputs(xs, side_info=self.side_info, **side)[0]))
+
+        # Greedy chunks so that one call never holds more than max_batch_matches padded items.
+        cap = self.conf["max_batch_matches"]
+        start = 0
+        while start < len(items):
+            stop = start + 1
+            while stop < len(items) and (stop + 1 - start) * max(it[1].shape[1] for it in items[start:stop + 1]) <= cap:
+                stop += 1
+            chunk = items[start:stop]
+            feats = torch.cat([x.t() for _, x in chunk], dim=0)  # (sum N, C_in)
+            batch = torch.cat([torch.full((x.shape[1],), b, dtype=torch.long) for b, (_, x) in enumerate(chunk)])
+            x, mask = to_dense_sets(feats, batch)  # (B, C_in, Nmax), (B, Nmax)
+            lg = self.model(x.to(self.device), mask.to(self.device)).float().cpu()
+            for b, (i, xi) in enumerate(chunk):
+                out[i] = lg[b, : xi.shape[1]].numpy()
+            start = stop
+        return out
+
+    def _estimate(self, pair, logits: np.ndarray, threshold: float, refine) -> FilterResult:
+        x1, x2, k1, k2, _, _ = pair
+        n = x1.shape[0]
+        prob = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+        kept = prob > threshold
+        res = FilterResult(prob=prob, inliers=kept.copy(), threshold=threshold, refine=refine, num_kept=int(kept.sum()))
+        if n < MIN_MATCHES:
+            res.reason = f"only {n} putative matches; at least {MIN_MATCHES} are needed to estimate an essential matrix"
+            return res
+        n1, n2 = (t.double() for t in self._normalize(x1, x2, k1, k2))
+
+        if refine is None:
+            from .essential import logits_to_weights, weighted_eight_point
+            from .pose import recover_pose
+
+            weights = logits_to_weights(torch.from_numpy(logits).double())
+            support = weights > 0
+            distinct = _distinct_matches(x1[support.numpy()], x2[support.numpy()])
+            if distinct < MIN_MATCHES:
+                res.reason = (f"only {distinct} distinct matches have a positive weight; the weighted "
+                              f"eight-point algorithm needs at least {MIN_MATCHES}")
+                return res
+            E = weighted_eight_point(n1[None], n2[None], weights[None])
+            R, t, ok = recover_pose(E, n1[None], n2[None], mask=torch.from_numpy(kept)[None])
+            if not bool(ok[0]):
+                res.reason = "the weighted eight-point estimate is degenerate (no valid pose passed the cheirality test)"
+                return res
+            res.E, res.R, res.t = E[0].numpy(), R[0].numpy(), t[0].numpy()
+            return res
+
+        distinct = _distinct_matches(x1[kept], x2[kept])
+        if distinct < MIN_MATCHES:
+            res.reason = (f"only {distinct} distinct matches have inlier probability > {threshold}; "
+                          f"at least {MIN_MATCHES} are needed to estimate an essential matrix")
+            return res
+        from .robust import estimate_essential
+
+        idx = np.flatnonzero(kept)
+        est = estimate_essential(
+            n1[idx], n2[idx], method=refine, threshold=self.conf["ransac_threshold"],
+            confidence=self.conf["ransac_confidence"], seed=self.conf["seed"],
+        )
+        E, R, t, inl, ok = (est[k] for k in ("E", "R", "t", "inliers", "ok"))
+        if not bool(ok) or E is None:
+            res.reason = f"{refine.upper()} found no essential matrix consistent with the {idx.size} kept matches"
+            return res
+        inl = _to_numpy(inl, "inliers").astype(bool).reshape(-1)
+        final = np.zeros(n, dtype=bool)
+        final[idx[inl]] = True
+        res.inliers = final
+        res.E, res.R = _to_numpy(E, "E").reshape(3, 3), _to_numpy(R, "R").reshape(3, 3)
+        res.t = _to_numpy(t, "t").reshape(3)
+        return res
