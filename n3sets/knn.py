@@ -1,0 +1,179 @@
+"""Continuous (differentiable) and hard k-nearest-neighbour selection (Ploetz & Roth 2018, Sec. 3).
+
+Both functions take a distance matrix ``dist`` of shape ``(..., M, O)`` (M queries, O candidates,
+larger = farther) and return weights ``W`` of shape ``(..., k, M, O)`` whose row ``W[..., j, m, :]``
+selects the (j+1)-th neighbour of query ``m``. A neighbour volume is then ``W @ features``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["continuous_knn", "hard_knn", "log1mexp"]
+
+_LN2 = math.log(2.0)
+
+
+class _Log1mexp(torch.autograd.Function):
+    """log(1 - exp(x)) for x <= 0, stable in the forward and NaN-free in the backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        # Maechler (2012): expm1 is accurate near 0, log1p(-exp) far from it.
+        y = torch.where(x > -_LN2, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        # d/dx log(1 - e^x) = -1 / expm1(-x): 0 at x = -inf, unbounded at x = 0. x == 0 means the
+        # softmax weight is exactly 1 in floating point, i.e. the item was selected with certainty
+        # and is removed (logit -inf); like hard KNN, no gradient flows through that removal.
+        saturated = x >= 0
+        d = -1.0 / torch.expm1(-torch.where(saturated, torch.full_like(x, -1.0), x))
+        return grad * torch.where(saturated, torch.zeros_like(d), d)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0`` (elementwise); ``-inf`` at 0 with a zero gradient there."""
+    return _Log1mexp.apply(x)
+
+
+def _check_inputs(dist, k, mask, name):
+    if not isinstance(dist, torch.Tensor) or dist.dim() < 2:
+        raise ValueError(
+            f"{name}: dist must be a tensor of shape (..., M, O), got "
+            f"{type(dist).__name__ if not isinstance(dist, torch.Tensor) else tuple(dist.shape)}"
+        )
+    if not dist.is_floating_point():
+        raise ValueError(f"{name}: dist of shape (..., M, O) must be floating point, got {dist.dtype}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{name}: k must be a positive int, got {k!r}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError(f"{name}: mask must be a bool tensor of shape (..., M, O) = {tuple(dist.shape)}")
+        if mask.shape != dist.shape:
+            try:
+                torch.broadcast_shapes(mask.shape, dist.shape)
+                ok = torch.broadcast_shapes(mask.shape, dist.shape) == dist.shape
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"{name}: mask must have shape (..., M, O) = {tuple(dist.shape)} (or broadcast to it), "
+                    f"got {tuple(mask.shape)}"
+                )
+            mask = mask.expand(dist.shape)
+    return mask
+
+
+def _temperature_tensor(temperature, dist):
+    """Temperature as a tensor broadcastable to (..., M, 1)."""
+    if not isinstance(temperature, torch.Tensor):
+        return torch.tensor(float(temperature), dtype=dist.dtype, device=dist.device)
+    if not temperature.is_floating_point():
+        raise ValueError(f"continuous_knn: temperature must be floating point, got {temperature.dtype}")
+    target = dist.shape[:-1] + (1,)
+    try:
+        ok = torch.broadcast_shapes(temperature.shape, target) == target
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            "continuous_knn: temperature must be a float or a tensor broadcastable to "
+            f"(..., M, 1) = {tuple(target)}, got {tuple(temperature.shape)}"
+        )
+    return temperature.to(dist.dtype)
+
+
+def continuous_knn(dist: torch.Tensor, k: int, temperature=1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Continuous deterministic relaxation of KNN selection (paper Eqs. 8-10).
+
+    ``alpha^1 = -dist / t``, ``w^j = softmax(alpha^j)``, ``alpha^{j+1} = alpha^j + log(1 - w^j)``;
+    the update is done on ``log w^j`` with a stable ``log1mexp``.
+
+    Args:
+        dist: ``(..., M, O)`` distances, larger = farther.
+        k: number of neighbours.
+        temperature: positive float, or tensor broadcastable to ``(..., M, 1)`` (per-query).
+        mask: optional bool ``(..., M, O)``; True = allowed candidate.
+
+    Returns:
+        ``W`` of shape ``(..., k, M, O)``; each row sums to 1, except that masked candidates get
+        weight exactly 0 and query ``m`` gets an all-zero row ``j`` when it has fewer than ``j + 1``
+        allowed candidates. As ``t -> 0`` the rows become the one-hot vectors of hard KNN (in
+        floating point the top weight rounds to exactly 1, and the item is then removed for
+        the following rows).
+    """
+    mask = _check_inputs(dist, k, mask, "continuous_knn")
+    t = _temperature_tensor(temperature, dist)
+    if mask is not None:
+        # Garbage (inf/NaN) at disallowed entries must not reach the arithmetic or its backward.
+        dist = torch.where(mask, dist, torch.zeros((), dtype=dist.dtype, device=dist.device))
+        count = mask.sum(-1, keepdim=True)  # (..., M, 1) allowed candidates per query
+    else:
+        count = None
+    # Softmax is invariant to a per-query shift, so subtracting the (detached) nearest distance
+    # changes nothing mathematically but keeps -d/t and its temperature gradient d/t^2 small
+    # for the entries that matter (distances up to 1e6 with t = 1e-6).
+    if mask is not None:
+        big = torch.finfo(dist.dtype).max
+        shift = torch.where(mask, dist, torch.full((), big, dtype=dist.dtype, device=dist.device)).amin(-1, keepdim=True)
+        shift = torch.where(count > 0, shift, torch.zeros_like(shift))
+    else:
+        shift = dist.amin(-1, keepdim=True)
+    logits = -(dist - shift.detach()) / t
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    weights = []
+    for j in range(k):
+        alive = None
+        if count is not None:
+            # Only a query with <= j allowed candidates can have an all -inf row (each step removes
+            # at most one item); give it a harmless row so that log_softmax stays finite.
+            alive = count > j
+            if not bool(alive.all()):
+                logits = torch.where(alive, logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+            else:
+                alive = None
+        logw = torch.log_softmax(logits, dim=-1)
+        w = torch.exp(logw)
+        if alive is not None:
+            w = torch.where(alive, w, torch.zeros((), dtype=w.dtype, device=w.device))
+        weights.append(w)
+        if j + 1 < k:
+            logits = logits + log1mexp(logw)
+    return torch.stack(weights, dim=-3)
+
+
+def hard_knn(dist: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One-hot weights of the k nearest allowed candidates; ties are broken by the lower index.
+
+    Args:
+        dist: ``(..., M, O)`` distances, larger = farther.
+        k: number of neighbours.
+        mask: optional bool ``(..., M, O)``; True = allowed candidate.
+
+    Returns:
+        ``W`` of shape ``(..., k, M, O)`` (no gradient: selection is piecewise constant); row ``j``
+        is all-zero when the query has fewer than ``j + 1`` allowed candidates.
+    """
+    mask = _check_inputs(dist, k, mask, "hard_knn")
+    with torch.no_grad():
+        key = dist.detach()
+        # Disallowed entries sort after every allowed one, including allowed +inf distances.
+        key = torch.nan_to_num(key, nan=torch.finfo(key.dtype).max, posinf=torch.finfo(key.dtype).max)
+        if mask is not None:
+            key = key.masked_fill(~mask, float("inf"))
+        kk = min(k, dist.shape[-1])
+        idx = torch.sort(key, dim=-1, stable=True).indices[..., :kk]  # (..., M, kk)
+        W = torch.zeros(dist.shape[:-2] + (k,) + dist.shape[-2:], dtype=dist.dtype, device=dist.device)
+        Wk = W.narrow(-3, 0, kk)
+        Wk.scatter_(-1, idx.movedim(-1, -2).unsqueeze(-1), 1.0)
+        if mask is not None:
+            count = mask.sum(-1)  # (..., M)
+            j = torch.arange(k, device=dist.device).view((k, 1))
+            W.mul_((j < count.unsqueeze(-2)).unsqueeze(-1).to(W.dtype))
+    return W
