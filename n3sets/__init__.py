@@ -24,6 +24,11 @@ _EXPORTS = {
     "skew": "n3sets.geometry",
     "weighted_eight_point": "n3sets.essential",
     "mean_average_precision": "n3sets.metrics",
+    "classification_metrics": "n3sets.metrics",
+    "recover_pose": "n3sets.pose",
+    "pose_error": "n3sets.pose",
+    "estimate_essential": "n3sets.robust",
+    "evaluate_correspondences": "n3sets.evaluation",
     # weights and the user-facing API
     "load_model": "n3sets.pretrained",
     "save_model": "n3sets.pretrained",
