@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Relative-pose evaluation of correspondence filters on an h5 dataset.
+
+    python pipelines/eval_corr.py --data data_out/strecha_test.h5 \\
+        --weights cnnet-strecha n3net-strecha --json results/strecha_test.json \\
+        --png results/strecha_test.png
+
+Methods: ``ransac``, ``magsac`` (all matches), ``ratio+ransac``, ``ratio+magsac`` (Lowe's ratio
+test first) and, per model, ``<model>`` (weighted eight-point, no RANSAC) and
+``<model>+ransac``. Metrics: mAP at 5/10/20 degrees (failures count as 180) and
+precision / recall / F1 of the trusted matches. The evaluation itself is
+:func:`n3sets.evaluation.evaluate_correspondences`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from n3sets.evaluation import BASELINES, evaluate_correspondences  # noqa: E402
+from n3sets.robust import DEFAULT_THRESHOLDS  # noqa: E402
+
+TABLE_COLUMNS = ("mAP5", "mAP10", "mAP20", "precision", "recall", "f1")
+
+
+def model_name(name_or_path: str) -> str:
+    """Method name of a model: the shipped name, or the file stem of a path."""
+    return Path(name_or_path).stem if name_or_path.endswith(".pt") or os.sep in name_or_path else name_or_path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="correspondence h5 file (data_prep schema)")
+    p.add_argument("--weights", nargs="*", default=[], metavar="NAME_OR_PATH",
+                   help="shipped model names (see n3sets.pretrained.available_models) or weight files")
+    p.add_argument("--json", help="write the results here (architecture.md contract)")
+    p.add_argument("--png", help="write the accuracy-vs-threshold plot here")
+    p.add_argument("--ratio", type=float, default=0.8, help="Lowe's ratio threshold (default 0.8)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLDS["ransac"],
+                   help="RANSAC inlier threshold in normalized units (default %(default)g)")
+    p.add_argument("--magsac-threshold", type=float, default=DEFAULT_THRESHOLDS["magsac"],
+                   help="MAGSAC++ threshold (max noise scale) in normalized units (default %(default)g)")
+    p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
+                   help="baselines to run (default: all)")
+    p.add_argument("--no-model-ransac", action="store_true", help="skip <model>+ransac")
+    p.add_argument("--max-pairs", type=int, default=None, help="evaluate only the first N pairs")
+    p.add_argument("--seed", type=int, default=0, help="OpenCV RNG seed (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.max_pairs is not None and args.max_pairs < 1:
+        p.error("--max-pairs must be >= 1")
+    if not 0 < args.ratio <= 1:
+        p.error("--ratio must be in (0, 1]")
+    return args
+
+
+def format_table(methods: dict, columns=TABLE_COLUMNS) -> str:
+    """Markdown table of the method metrics (missing values as '-')."""
+    head = "| method | " + " | ".join(columns) + " |"
+    rule = "|---|" + "---:|" * len(columns)
+    rows = [head, rule]
+    for name, metrics in methods.items():
+        cells = [f"{metrics[c]:.3f}" if c in metrics else "-" for c in columns]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_curves(result: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = dict(result["curves"])
+    th = curves.pop("thresholds")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, acc in curves.items():
+        style = "--" if name in BASELINES else "-"
+        ax.plot(th, acc, style, label=f"{name} (mAP20 {result['methods'][name]['mAP20']:.3f})")
+    ax.set_xlabel("pose error threshold (degrees)")
+    ax.set_ylabel("fraction of pairs below threshold")
+    ax.set_xlim(0, max(th))
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    from data_prep.corr_dataset import CorrespondenceDataset
+    from n3sets.pretrained import load_model, resolve_weights
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    if not data.is_file():
+        raise FileNotFoundError(f"--data: no such file {data}")
+    dataset = CorrespondenceDataset(data, side_info=False)
+    if args.max_pairs is not None and args.max_pairs < len(dataset):
+        dataset = CorrespondenceDataset(data, side_info=False, pairs=list(range(args.max_pairs)))
+
+    models, weight_files = {}, {}
+    for spec in args.weights:
+        name = model_name(spec)
+        if name in models:
+            raise ValueError(f"--weights: two models named {name!r}")
+        weight_files[name] = str(resolve_weights(spec))
+        models[name] = load_model(spec)
+
+    progress = None
+    if not args.quiet:
+        try:
+            from tqdm import tqdm
+
+            progress = lambda it: tqdm(it, total=len(dataset), desc="pairs", file=sys.stderr)  # noqa: E731
+        except ImportError:
+            pass
+
+    start = time.perf_counter()
+    result = evaluate_correspondences(
+        (dataset[i] for i in range(len(dataset))),
+        models=models,
+        baselines=args.baselines,
+        ratio_threshold=args.ratio,
+        thresholds={"ransac": args.threshold, "magsac": args.magsac_threshold},
+        model_refine=not args.no_model_ransac,
+        seed=args.seed,
+        progress=progress,
+    )
+    elapsed = time.perf_counter() - start
+
+    settings = result.pop("settings")
+    out = {
+        "methods": result["methods"],
+        "data": str(data),
+        "num_pairs": result["num_pairs"],
+        "weights": weight_files,
+        **settings,
+        "seconds": elapsed,
+        "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
+        "torch_threads": torch.get_num_threads(),
+        "pair_names": result["pair_names"],
+        "errors": result["errors"],
+        "curves": result["curves"],
+    }
+    print(f"{data}: {result['num_pairs']} pairs, {elapsed:.1f} s "
+          f"(RANSAC thr {args.threshold:g}, MAGSAC++ thr {args.magsac_threshold:g}, ratio {args.ratio:g})")
+    print(format_table(result["methods"]))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        os.replace(tmp, path)
+        print(f"wrote {path}")
+    if args.png:
+        plot_curves(result, Path(args.png), f"{data.name}: {result['num_pairs']} pairs")
+        print(f"wrote {args.png}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

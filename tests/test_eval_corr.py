@@ -1,0 +1,129 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from n3sets.evaluation import BASELINES, evaluate_correspondences
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("mAP5", "mAP10", "mAP20", "precision", "recall", "f1")
+
+
+class _Oracle(torch.nn.Module):
+    """A 'model' that returns +-10 logits from the ground-truth labels it is given."""
+
+    def __init__(self, labels, invert=False):
+        super().__init__()
+        self.conf = {"side_info": False, "in_channels": 4}
+        self.labels = labels
+        self.invert = invert
+        self.calls = 0
+
+    def forward(self, x, mask=None):
+        label = self.labels[self.calls]
+        self.calls += 1
+        assert x.shape == (1, 4, label.shape[0])
+        logits = torch.where(label > 0.5, 10.0, -10.0)[None]
+        return -logits.abs() if self.invert else logits
+
+
+@pytest.fixture(scope="module")
+def synthetic_pairs(tmp_path_factory):
+    from data_prep.corr_dataset import CorrespondenceDataset
+    from data_prep.synthetic import write_synthetic_dataset
+
+    path = tmp_path_factory.mktemp("eval") / "syn.h5"
+    write_synthetic_dataset(path, 6, seed=3, num_matches=(200, 300), outlier_ratio=0.5)
+    ds = CorrespondenceDataset(path)
+    return path, [ds[i] for i in range(len(ds))]
+
+
+def test_evaluate_oracle_and_failing_model(synthetic_pairs):
+    _, pairs = synthetic_pairs
+    labels = [p["label"] for p in pairs]
+    result = evaluate_correspondences(
+        pairs, models={"oracle": _Oracle(labels), "none": _Oracle(labels, invert=True)}
+    )
+    methods = result["methods"]
+    assert list(methods) == list(BASELINES) + ["oracle", "oracle+ransac", "none", "none+ransac"]
+    assert result["num_pairs"] == len(pairs) and len(result["pair_names"]) == len(pairs)
+    for name, m in methods.items():
+        for key in METRICS:
+            assert 0.0 <= m[key] <= 1.0, (name, key)
+        assert len(result["errors"][name]) == len(pairs)
+    # Perfect classification: precision = recall = 1 and the eight-point pose is nearly exact.
+    oracle = methods["oracle"]
+    assert oracle["precision"] == 1.0 and oracle["recall"] == 1.0 and oracle["f1"] == 1.0
+    assert oracle["mAP5"] == 1.0 and oracle["failures"] == 0
+    assert max(result["errors"]["oracle"]) < 5.0
+    # Nothing predicted: every pair fails, counts as 180 degrees, and is not dropped.
+    none = methods["none"]
+    assert none["failures"] == len(pairs) and none["mAP20"] == 0.0
+    assert result["errors"]["none"] == [180.0] * len(pairs)
+    assert none["precision"] == 0.0 and none["recall"] == 0.0
+    assert methods["none+ransac"]["mAP20"] == 0.0
+    # Baselines on 50 % outliers with small noise recover the pose.
+    assert methods["ransac"]["mAP10"] > 0.5 and methods["magsac"]["mAP10"] > 0.5
+    # The curve is the accuracy per threshold, ending at the fraction below 30 degrees.
+    curves = result["curves"]
+    assert curves["thresholds"][0] == 0.0 and curves["oracle"][0] == 0.0
+    assert curves["none"][-1] == 0.0 and curves["oracle"][-1] == 1.0
+
+
+def test_evaluate_bad_input(synthetic_pairs):
+    _, pairs = synthetic_pairs
+    with pytest.raises(ValueError, match="baselines"):
+        evaluate_correspondences(pairs[:1], baselines=("lmeds",))
+    with pytest.raises(ValueError, match="no pairs"):
+        evaluate_correspondences([], baselines=("ransac",))
+    bad = dict(pairs[0])
+    del bad["ratio"]
+    with pytest.raises(ValueError, match="ratio"):
+        evaluate_correspondences([bad])
+
+
+def _run_cli(args, cwd=ROOT):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "eval_corr.py"), *map(str, args), "--quiet"],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _check_json(path, names, num_pairs):
+    out = json.loads(Path(path).read_text())
+    assert out["num_pairs"] == num_pairs
+    assert set(out["methods"]) == set(names)
+    for name in names:
+        for key in METRICS:
+            assert isinstance(out["methods"][name][key], float), (name, key)
+    for key in ("data", "thresholds", "seed", "ratio_threshold"):
+        assert key in out
+    return out
+
+
+def test_cli_with_saved_model_on_synthetic(synthetic_pairs, tmp_path):
+    from n3sets.models import CNNet
+    from n3sets.pretrained import save_model
+
+    data, _ = synthetic_pairs
+    weights = save_model(tmp_path / "tiny-cnnet.pt", CNNet(num_blocks=1, channels=8))
+    out_json, out_png = tmp_path / "res.json", tmp_path / "res.png"
+    proc = _run_cli(["--data", data, "--weights", weights, "--json", out_json, "--png", out_png,
+                     "--max-pairs", 3])
+    names = list(BASELINES) + ["tiny-cnnet", "tiny-cnnet+ransac"]
+    _check_json(out_json, names, 3)
+    assert out_png.stat().st_size > 1000
+    assert "| tiny-cnnet+ransac |" in proc.stdout
+
+
+def test_cli_missing_inputs(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "eval_corr.py"), "--data", tmp_path / "nope.h5"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0 and "nope.h5" in proc.stderr
