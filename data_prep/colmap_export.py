@@ -55,8 +55,9 @@ __all__ = [
     "image_pairs",
     "parse_intrinsics",
     "guess_intrinsics",
-    "read_image_gray",
     "export_database",
+    "run_mapper",
+    "rotation_errors",
     "main",
 ]
 
@@ -176,19 +177,6 @@ def guess_intrinsics(path, width: int, height: int) -> tuple[np.ndarray, str]:
     return K, source
 
 
-def read_image_gray(path) -> np.ndarray:
-    """8-bit grey image ``(H, W)``; a missing or unreadable file raises with its path."""
-    import cv2
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise ValueError(f"cannot read image {path} (not an image file OpenCV can decode)")
-    return img
-
-
 # ----------------------------------------------------------------------------- COLMAP objects
 
 
@@ -288,7 +276,7 @@ def export_database(
     """
     import pycolmap
 
-    from data_prep.features import detect_sift, match_descriptors
+    from data_prep.features import detect_sift, load_gray, match_descriptors
 
     t0 = time.time()
     image_dir = Path(image_dir)
@@ -321,7 +309,7 @@ def export_database(
     infos: list[_ImageInfo] = []
     cameras: list[tuple[np.ndarray, int, int, bool]] = []  # (K, w, h, prior)
     for name in names:
-        img = read_image_gray(image_dir / name)
+        img = load_gray(image_dir / name)
         h, w = img.shape
         kpts, desc = detect_sift(img, num_kp=num_kp)
         if K is not None:
@@ -437,6 +425,84 @@ def export_database(
         },
         "seconds": round(time.time() - t0, 2),
     }
+
+
+# ----------------------------------------------------------------------------- mapping and evaluation
+
+
+def run_mapper(database_path, image_dir, output_dir, fixed_intrinsics: bool = False, seed: int = 0,
+               num_threads: int = 2):
+    """pycolmap's incremental mapper on an exported database; returns the largest reconstruction or None.
+
+    Args:
+        fixed_intrinsics: keep focal length and distortion fixed in bundle adjustment (use it when
+            the database holds calibrated cameras, e.g. ``--K`` from a calibration).
+        seed: random seed of the mapper (RANSAC, initial pair trials), for repeatable runs.
+    """
+    import pycolmap
+
+    options = pycolmap.IncrementalPipelineOptions()
+    options.random_seed = int(seed)
+    options.num_threads = int(num_threads)
+    if fixed_intrinsics:
+        options.ba_refine_focal_length = False
+        options.ba_refine_extra_params = False
+        options.ba_refine_principal_point = False
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    recs = pycolmap.incremental_mapping(str(database_path), str(image_dir), str(output_dir), options)
+    if not recs:
+        return None
+    return max(recs.values(), key=lambda r: r.num_reg_images())
+
+
+def rotation_errors(reconstruction, R_gt: dict) -> dict:
+    """Rotation errors of a reconstruction against ground-truth world-to-camera rotations.
+
+    A reconstruction is defined up to a similarity, so two gauge-free measures are given:
+
+    - relative: for every pair of registered images, the angle between the estimated and the
+      true relative rotation ``R_j R_i^T``;
+    - absolute: each estimated rotation after the single global rotation that best aligns the
+      estimate with the ground truth (chordal L2 mean of ``R_i^T R_i_gt``, projected on SO(3)).
+
+    Args:
+        reconstruction: a ``pycolmap.Reconstruction`` (or None: nothing registered).
+        R_gt: image name -> ``(3, 3)`` world-to-camera rotation.
+
+    Returns:
+        dict with ``registered`` (names), ``num_registered``, ``num_images``, per-image
+        ``absolute_deg`` and summary statistics (median / mean / max) of both measures in degrees.
+    """
+    import torch
+
+    from n3sets.pose import angle_between_rotations
+
+    est = {}
+    if reconstruction is not None:
+        for image in reconstruction.images.values():
+            if image.has_pose and image.name in R_gt:
+                est[image.name] = np.asarray(image.cam_from_world().rotation.matrix(), np.float64)
+    names = sorted(est)
+    out = {"num_images": len(R_gt), "num_registered": len(names), "registered": names}
+    if len(names) < 2:
+        return out
+    Re = torch.from_numpy(np.stack([est[n] for n in names]))
+    Rg = torch.from_numpy(np.stack([np.asarray(R_gt[n], np.float64) for n in names]))
+    i, j = torch.triu_indices(len(names), len(names), offset=1)
+    rel_est = Re[j] @ Re[i].transpose(-1, -2)
+    rel_gt = Rg[j] @ Rg[i].transpose(-1, -2)
+    rel = angle_between_rotations(rel_est, rel_gt)
+    # R_gt ~ R_est Q for a world rotation Q; the SVD projection of the summed estimates of Q is
+    # the chordal L2 mean.
+    U, _, Vh = torch.linalg.svd((Re.transpose(-1, -2) @ Rg).sum(0))
+    Q = U @ torch.diag(torch.tensor([1.0, 1.0, float(torch.det(U @ Vh).sign())], dtype=U.dtype)) @ Vh
+    absolute = angle_between_rotations(Re @ Q, Rg)
+    stats = lambda a: {"median": float(a.median()), "mean": float(a.mean()), "max": float(a.max())}  # noqa: E731
+    out.update(
+        relative_deg=stats(rel), absolute_deg=stats(absolute),
+        absolute_per_image={n: round(float(a), 4) for n, a in zip(names, absolute)},
+    )
+    return out
 
 
 def main(argv=None) -> int:
