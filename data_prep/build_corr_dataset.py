@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Build an h5 dataset of labelled SIFT correspondences from calibrated scenes.
+
+Examples::
+
+    python data_prep/build_corr_dataset.py --format strecha \\
+        --scene ../shared/data/strecha/castle-P30 --scene ../shared/data/strecha/Herz-Jesus-P25 \\
+        --out data_out/strecha_train.h5 --val-out data_out/strecha_val.h5 --val-fraction 0.15 --workers 2
+    python data_prep/build_corr_dataset.py --format strecha --scene ../shared/data/strecha/entry-P10 \\
+        --out data_out/strecha_test.h5
+    python data_prep/build_corr_dataset.py --format yi --scene raw_data/st_peters_square/train --out sp.h5
+    python data_prep/build_corr_dataset.py --format colmap --scene project/sparse/0 --images project/images --out c.h5
+    python data_prep/build_corr_dataset.py --format synthetic --num-pairs 200 --out synthetic.h5
+    python data_prep/build_corr_dataset.py --merge a.h5 b.h5 --out all.h5      # combine --shard outputs
+
+Pair selection, labels and the file layout are described in ``data_prep/build.py`` and
+``data_prep/h5io.py`` (and the README).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script (python data_prep/build_corr_dataset.py): make the repo root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep.build import BuildConfig, build_dataset, format_summary, merge_h5, summary_json  # noqa: E402
+from data_prep.features import DEFAULT_CONTRAST_THRESHOLD, DEFAULT_NUM_KP  # noqa: E402
+from data_prep.labels import DEFAULT_THRESHOLD  # noqa: E402
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must look like i/n (e.g. 0/4), got {text!r}")
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--shard i/n needs 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--format", choices=["strecha", "yi", "colmap", "synthetic"], help="scene layout")
+    p.add_argument("--scene", action="append", default=[], help="scene folder (repeatable); colmap: the model folder")
+    p.add_argument("--images", action="append", default=[], help="colmap only: image folder per --scene (default: ../../images)")
+    p.add_argument("--out", required=True, help="output h5 (training pairs when --val-out is given)")
+    p.add_argument("--val-out", help="output h5 for the validation pairs")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of (unordered) pairs for validation")
+    p.add_argument("--num-kp", type=int, default=DEFAULT_NUM_KP, help="max SIFT keypoints per image (default %(default)s)")
+    p.add_argument("--contrast-threshold", type=float, default=DEFAULT_CONTRAST_THRESHOLD, help="SIFT contrast threshold")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="inlier threshold on the squared symmetric epipolar distance")
+    p.add_argument("--max-pairs", type=int, default=None, help="max ordered pairs per scene")
+    p.add_argument("--max-angle", type=float, default=90.0, help="scenes without covisibility: max angle between optical axes (deg)")
+    p.add_argument("--min-verified", type=int, default=20, help="scenes without covisibility: min GT inliers that pass ratio+mutual")
+    p.add_argument("--vis-threshold", type=float, default=100.0, help="scenes with covisibility: keep (i,j) if covis > this (Yi: 100 St. Peter's/Reichstag, 0.5 Brown)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes (default %(default)s)")
+    p.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: build only every n-th selected pair starting at i")
+    p.add_argument("--cache-dir", help="feature cache (default: OUT_DIR/feature_cache)")
+    p.add_argument("--summary-json", help="also write the summary as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--merge", nargs="+", help="merge these shard files into --out and exit")
+    p.add_argument("--num-pairs", type=int, default=100, help="synthetic only: number of pairs")
+    p.add_argument("--outlier-ratio", type=float, default=0.6, help="synthetic only")
+    args = p.parse_args(argv)
+    if args.merge is None:
+        if args.format is None:
+            p.error("--format is required (or --merge)")
+        if args.format != "synthetic" and not args.scene:
+            p.error("at least one --scene is required")
+        if args.val_fraction and not args.val_out:
+            p.error("--val-fraction needs --val-out")
+        if args.val_out and not args.val_fraction:
+            p.error("--val-out needs --val-fraction > 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.merge is not None:
+        print(f"merged {len(args.merge)} files into {merge_h5(args.merge, args.out)}")
+        return 0
+    if args.format == "synthetic":
+        from data_prep.synthetic import write_synthetic_dataset
+
+        write_synthetic_dataset(args.out, args.num_pairs, seed=args.seed, num_matches=args.num_kp, outlier_ratio=args.outlier_ratio, threshold=args.threshold)
+        if args.val_out:
+            n_val = max(1, int(round(args.num_pairs * args.val_fraction)))
+            write_synthetic_dataset(args.val_out, n_val, seed=args.seed + 1, num_matches=args.num_kp, outlier_ratio=args.outlier_ratio, threshold=args.threshold)
+        print(f"wrote synthetic pairs to {args.out}" + (f" and {args.val_out}" if args.val_out else ""))
+        return 0
+
+    from data_prep.scenes import read_scene
+
+    if args.images and len(args.images) != len(args.scene):
+        raise SystemExit("--images must be given once per --scene")
+    images = args.images or [None] * len(args.scene)
+    scenes = [read_scene(args.format, s, image_dir=img) for s, img in zip(args.scene, images)]
+    cfg = BuildConfig(
+        num_kp=args.num_kp,
+        contrast_threshold=args.contrast_threshold,
+        threshold=args.threshold,
+        max_angle_deg=args.max_angle,
+        vis_threshold=args.vis_threshold,
+        min_verified=args.min_verified,
+        max_pairs=args.max_pairs,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        shard=args.shard,
+        cache_dir=args.cache_dir,
+    )
+    summary = build_dataset(
+        scenes, args.out, cfg, val_out=args.val_out, progress=not args.no_progress, extra_settings={"format": args.format}
+    )
+    print(format_summary(summary))
+    if args.summary_json:
+        Path(args.summary_json).write_text(summary_json(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
