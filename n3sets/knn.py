@@ -104,48 +104,108 @@ def continuous_knn(dist: torch.Tensor, k: int, temperature=1.0, mask: torch.Tens
         ``W`` of shape ``(..., k, M, O)``; each row sums to 1, except that masked candidates get
         weight exactly 0 and query ``m`` gets an all-zero row ``j`` when it has fewer than ``j + 1``
         allowed candidates. As ``t -> 0`` the rows become the one-hot vectors of hard KNN (in
-        floating point the top weight rounds to exactly 1, and the item is then removed for
-        the following rows).
+        floating point the top weight rounds to exactly 1, and that item is then removed for the
+        following rows, like the hard update of the paper's Eq. 5).
+
+    Differentiable w.r.t. ``dist`` and ``temperature`` (first order; the backward is analytic and
+    keeps only ``dist`` and the k weight matrices).
     """
     mask = _check_inputs(dist, k, mask, "continuous_knn")
     t = _temperature_tensor(temperature, dist)
+    return _ContinuousKNN.apply(dist, t, mask, k)
+
+
+def _forward_weights(dist, t, mask, k):
+    """Forward of :func:`continuous_knn` without autograd: (W (..., k, M, O), shifted distances, alive rows)."""
+    zero = torch.zeros((), dtype=dist.dtype, device=dist.device)
     if mask is not None:
-        # Garbage (inf/NaN) at disallowed entries must not reach the arithmetic or its backward.
-        dist = torch.where(mask, dist, torch.zeros((), dtype=dist.dtype, device=dist.device))
         count = mask.sum(-1, keepdim=True)  # (..., M, 1) allowed candidates per query
+        big = torch.full((), torch.finfo(dist.dtype).max, dtype=dist.dtype, device=dist.device)
+        shift = torch.where(mask, dist, big).amin(-1, keepdim=True)
+        shift = torch.where(count > 0, shift, zero)
     else:
         count = None
-    # Softmax is invariant to a per-query shift, so subtracting the (detached) nearest distance
-    # changes nothing mathematically but keeps -d/t and its temperature gradient d/t^2 small
-    # for the entries that matter (distances up to 1e6 with t = 1e-6).
-    if mask is not None:
-        big = torch.finfo(dist.dtype).max
-        shift = torch.where(mask, dist, torch.full((), big, dtype=dist.dtype, device=dist.device)).amin(-1, keepdim=True)
-        shift = torch.where(count > 0, shift, torch.zeros_like(shift))
-    else:
         shift = dist.amin(-1, keepdim=True)
-    logits = -(dist - shift.detach()) / t
+    # Softmax is invariant to a per-query shift: subtracting the nearest allowed distance changes
+    # nothing mathematically but keeps -d/t and the temperature gradient d/t^2 small for the
+    # entries that matter (distances up to 1e6 with t = 1e-6).
+    d0 = dist - shift
     if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    weights = []
+        d0 = torch.where(mask, d0, zero)  # garbage (inf/NaN) at disallowed entries must not leak
+    logits = d0 / (-t)
+    if mask is not None:
+        logits.masked_fill_(~mask, float("-inf"))
+    W = dist.new_empty(dist.shape[:-2] + (k,) + dist.shape[-2:])
+    alive_rows = []
     for j in range(k):
         alive = None
         if count is not None:
-            # Only a query with <= j allowed candidates can have an all -inf row (each step removes
-            # at most one item); give it a harmless row so that log_softmax stays finite.
+            # Only a query with <= j allowed candidates can have an all -inf row (a step removes at
+            # most the single item of weight 1); give it a harmless row so nothing turns NaN.
             alive = count > j
-            if not bool(alive.all()):
-                logits = torch.where(alive, logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
-            else:
+            if bool(alive.all()):
                 alive = None
-        logw = torch.log_softmax(logits, dim=-1)
-        w = torch.exp(logw)
+            else:
+                logits = torch.where(alive, logits, zero)
+        alive_rows.append(alive)
+        top, arg = logits.max(-1, keepdim=True)
+        e = torch.exp(logits - top)
+        s = e.sum(-1, keepdim=True)
+        w = W.select(-3, j)
+        torch.div(e, s, out=w)
         if alive is not None:
-            w = torch.where(alive, w, torch.zeros((), dtype=w.dtype, device=w.device))
-        weights.append(w)
+            w.masked_fill_(~alive, 0.0)
         if j + 1 < k:
-            logits = logits + log1mexp(logw)
-    return torch.stack(weights, dim=-3)
+            # log(1 - w) = log1mexp(log w): log1p(-w) is accurate wherever w <= 1/2, which holds
+            # for every entry but the row maximum; there use log(-expm1(log w)) (Maechler 2012).
+            upd = torch.log1p(-w) if alive is None else torch.log1p(-torch.exp(logits - top) / s)
+            logw_top = -torch.log(s)  # log w at the argmax
+            upd.scatter_(-1, arg, log1mexp(logw_top))
+            logits = logits + upd
+    return W, d0, alive_rows
+
+
+class _ContinuousKNN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dist, t, mask, k):
+        with torch.no_grad():
+            W, d0, alive_rows = _forward_weights(dist, t, mask, k)
+        ctx.save_for_backward(W, d0, t)
+        ctx.alive_rows = alive_rows
+        ctx.t_shape = t.shape
+        return W
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gW):
+        W, d0, t = ctx.saved_tensors
+        k = W.shape[-3]
+        # Reverse the recursion l^j = a^j - LSE(a^j), w^j = exp(l^j), a^{j+1} = a^j + log1mexp(l^j):
+        #   g_l^j = gW^j w^j + g_a^{j+1} * d log1mexp(l^j) / dl,  d log1mexp / dl = -w / (1 - w)
+        #   g_a^j = g_a^{j+1} + g_l^j - w^j sum(g_l^j)
+        # A weight of exactly 1 was removed with certainty (logit -inf): no gradient through it.
+        g_a = None
+        for j in range(k - 1, -1, -1):
+            w = W.select(-3, j)
+            g_l = gW.select(-3, j) * w
+            if g_a is not None:
+                one_minus = 1.0 - w
+                r = torch.where(one_minus > 0, w / torch.where(one_minus > 0, one_minus, 1.0), 0.0)
+                g_l = g_l - g_a * r
+                g_a = g_a + g_l - w * g_l.sum(-1, keepdim=True)
+            else:
+                g_a = g_l - w * g_l.sum(-1, keepdim=True)
+            alive = ctx.alive_rows[j]
+            if alive is not None:
+                # Rows replaced by zeros in the forward pass no gradient to the real logits.
+                g_a = g_a.masked_fill(~alive, 0.0)
+        g_dist = g_t = None
+        if ctx.needs_input_grad[0]:
+            g_dist = g_a / (-t)
+        if ctx.needs_input_grad[1]:
+            # logits = -d0 / t  ->  d logits / dt = d0 / t^2
+            g_t = ((g_a * d0).sum(-1, keepdim=True) / (t * t)).sum_to_size(ctx.t_shape)
+        return g_dist, g_t, None, None
 
 
 def hard_knn(dist: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
