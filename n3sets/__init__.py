@@ -33,6 +33,7 @@ _EXPORTS = {
     "load_model": "n3sets.pretrained",
     "save_model": "n3sets.pretrained",
     "MatchFilter": "n3sets.match_filter",
+    "FilterResult": "n3sets.match_filter",
 }
 
 __all__ = sorted(_EXPORTS)
