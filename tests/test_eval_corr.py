@@ -127,3 +127,45 @@ def test_cli_missing_inputs(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode != 0 and "nope.h5" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def real_fixture(tmp_path_factory, request):
+    """A tiny entry-P10 h5 (3 neighbouring views, few keypoints) built with data_prep's builder."""
+    strecha_root = request.getfixturevalue("strecha_root")
+    from dataclasses import replace
+
+    from data_prep.build import BuildConfig, build_dataset
+    from data_prep.scenes import read_strecha_scene
+
+    scene = read_strecha_scene(strecha_root / "entry-P10")
+    keep = slice(3, 6)  # neighbouring views: wide enough baselines, plenty of overlap
+    scene = replace(
+        scene,
+        image_paths=scene.image_paths[keep], image_names=scene.image_names[keep],
+        K=scene.K[keep], R=scene.R[keep], t=scene.t[keep], sizes=scene.sizes[keep],
+    )
+    tmp = tmp_path_factory.mktemp("real")
+    out = tmp / "entry_tiny.h5"
+    cfg = BuildConfig(num_kp=400, max_pairs=4, min_verified=8, cache_dir=str(tmp / "cache"))
+    build_dataset([scene], out, cfg, progress=False)
+    return out
+
+
+@pytest.mark.data
+def test_cli_on_real_fixture(real_fixture, tmp_path):
+    from data_prep.corr_dataset import CorrespondenceDataset
+    from n3sets.models import N3Net
+    from n3sets.pretrained import save_model
+
+    num_pairs = len(CorrespondenceDataset(real_fixture))
+    assert num_pairs >= 2
+    weights = save_model(tmp_path / "n3-side.pt", N3Net(side_info=True, num_blocks=2, channels=16, n3_after=1))
+    out_json = tmp_path / "real.json"
+    _run_cli(["--data", real_fixture, "--weights", weights, "--json", out_json])
+    names = list(BASELINES) + ["n3-side", "n3-side+ransac"]
+    out = _check_json(out_json, names, num_pairs)
+    # Real SIFT matches of overlapping neighbouring views: the baselines find the pose.
+    assert out["methods"]["ratio+ransac"]["mAP20"] > 0.5
+    assert out["methods"]["ransac"]["precision"] > 0.5
+    assert all(len(out["errors"][n]) == num_pairs for n in names)
