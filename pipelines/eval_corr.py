@@ -110,10 +110,6 @@ def main(argv=None) -> dict:
     data = Path(args.data)
     if not data.is_file():
         raise FileNotFoundError(f"--data: no such file {data}")
-    dataset = CorrespondenceDataset(data, side_info=False)
-    if args.max_pairs is not None and args.max_pairs < len(dataset):
-        dataset = CorrespondenceDataset(data, side_info=False, pairs=list(range(args.max_pairs)))
-
     models, weight_files = {}, {}
     for spec in args.weights:
         name = model_name(spec)
@@ -121,6 +117,10 @@ def main(argv=None) -> dict:
             raise ValueError(f"--weights: two models named {name!r}")
         weight_files[name] = str(resolve_weights(spec))
         models[name] = load_model(spec)
+
+    dataset = CorrespondenceDataset(data, side_info=False)
+    if args.max_pairs is not None and args.max_pairs < len(dataset):
+        dataset = CorrespondenceDataset(data, side_info=False, pairs=list(range(args.max_pairs)))
 
     progress = None
     if not args.quiet:

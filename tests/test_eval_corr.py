@@ -85,6 +85,15 @@ def test_evaluate_bad_input(synthetic_pairs):
         evaluate_correspondences([bad])
 
 
+def _load_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_corr_cli", ROOT / "pipelines" / "eval_corr.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _run_cli(args, cwd=ROOT):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "pipelines" / "eval_corr.py"), *map(str, args), "--quiet"],
@@ -113,20 +122,22 @@ def test_cli_with_saved_model_on_synthetic(synthetic_pairs, tmp_path):
     data, _ = synthetic_pairs
     weights = save_model(tmp_path / "tiny-cnnet.pt", CNNet(num_blocks=1, channels=8))
     out_json, out_png = tmp_path / "res.json", tmp_path / "res.png"
-    proc = _run_cli(["--data", data, "--weights", weights, "--json", out_json, "--png", out_png,
-                     "--max-pairs", 3])
+    cli = _load_cli()
+    args = ["--data", data, "--weights", weights, "--json", out_json, "--png", out_png, "--max-pairs", 3]
+    cli.main([str(a) for a in args] + ["--quiet"])
     names = list(BASELINES) + ["tiny-cnnet", "tiny-cnnet+ransac"]
     _check_json(out_json, names, 3)
     assert out_png.stat().st_size > 1000
-    assert "| tiny-cnnet+ransac |" in proc.stdout
 
 
 def test_cli_missing_inputs(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "eval_corr.py"), "--data", tmp_path / "nope.h5"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode != 0 and "nope.h5" in proc.stderr
+    cli = _load_cli()
+    with pytest.raises(FileNotFoundError, match="nope.h5"):
+        cli.main(["--data", str(tmp_path / "nope.h5")])
+    data = tmp_path / "empty.h5"
+    data.touch()
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        cli.main(["--data", str(data), "--weights", "no-such-model"])
 
 
 @pytest.fixture(scope="module")
