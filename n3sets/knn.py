@@ -124,7 +124,8 @@ def _forward_weights(dist, t, mask, k):
         shift = torch.where(mask, dist, big).amin(-1, keepdim=True)
         shift = torch.where(count > 0, shift, zero)
     else:
-        count = None
+        # all O candidates allowed; rows j >= O still need the dead-row guard below
+        count = None if k <= dist.shape[-1] else torch.full(dist.shape[:-1] + (1,), dist.shape[-1], device=dist.device)
         shift = dist.amin(-1, keepdim=True)
     # Softmax is invariant to a per-query shift: subtracting the nearest allowed distance changes
     # nothing mathematically but keeps -d/t and the temperature gradient d/t^2 small for the
@@ -148,20 +149,22 @@ def _forward_weights(dist, t, mask, k):
             else:
                 logits = torch.where(alive, logits, zero)
         alive_rows.append(alive)
-        top, arg = logits.max(-1, keepdim=True)
-        e = torch.exp(logits - top)
+        top = logits.amax(-1, keepdim=True)
+        e = logits - top
+        is_top = e == 0  # the row maximum (all of them when tied); every other w is < 1/2
+        e.exp_()
         s = e.sum(-1, keepdim=True)
         w = W.select(-3, j)
         torch.div(e, s, out=w)
+        if j + 1 < k:
+            # log(1 - w) = log1mexp(log w). Off the row maximum w < 1/2 and log1p(-w) is accurate;
+            # at the maximum log w = -log(s) and log(-expm1(.)) is used (Maechler 2012). A weight
+            # that rounds to exactly 1 gives -inf: the item is removed, as in the hard update.
+            upd = torch.log1p(torch.neg(w, out=e), out=e)
+            upd = torch.where(is_top, log1mexp(-torch.log(s)), upd)
+            logits = logits + upd
         if alive is not None:
             w.masked_fill_(~alive, 0.0)
-        if j + 1 < k:
-            # log(1 - w) = log1mexp(log w): log1p(-w) is accurate wherever w <= 1/2, which holds
-            # for every entry but the row maximum; there use log(-expm1(log w)) (Maechler 2012).
-            upd = torch.log1p(-w) if alive is None else torch.log1p(-torch.exp(logits - top) / s)
-            logw_top = -torch.log(s)  # log w at the argmax
-            upd.scatter_(-1, arg, log1mexp(logw_top))
-            logits = logits + upd
     return W, d0, alive_rows
 
 
