@@ -68,17 +68,18 @@ class BuildConfig:
     cache_dir: str | None = None
 
     def settings(self) -> dict:
+        # Explicit casts: 45 and 45.0 must give the same file whether they come from Python or argparse.
         return {
-            "num_kp": self.num_kp,
-            "contrast_threshold": self.contrast_threshold,
-            "threshold": self.threshold,
-            "max_angle_deg": self.max_angle_deg,
-            "vis_threshold": self.vis_threshold,
-            "min_verified": self.min_verified,
-            "verify_ratio": self.verify_ratio,
-            "max_pairs": -1 if self.max_pairs is None else self.max_pairs,
-            "seed": self.seed,
-            "val_fraction": self.val_fraction,
+            "num_kp": int(self.num_kp),
+            "contrast_threshold": float(self.contrast_threshold),
+            "threshold": float(self.threshold),
+            "max_angle_deg": float(self.max_angle_deg),
+            "vis_threshold": float(self.vis_threshold),
+            "min_verified": int(self.min_verified),
+            "verify_ratio": float(self.verify_ratio),
+            "max_pairs": -1 if self.max_pairs is None else int(self.max_pairs),
+            "seed": int(self.seed),
+            "val_fraction": float(self.val_fraction),
             "shard": f"{self.shard[0]}/{self.shard[1]}",
             "min_matches": MIN_MATCHES,
             "descriptor": "opencv-sift",
@@ -310,6 +311,7 @@ def build_dataset(
 
         settings = dict(cfg.settings(), **(extra_settings or {}))
         settings["scenes"] = [s.name for s in scenes]
+        settings.setdefault("format", ",".join(sorted({str(s.meta.get("format", "unknown")) for s in scenes})))
         outputs = {"train": out}
         if cfg.val_fraction:
             outputs["val"] = Path(val_out)

@@ -113,9 +113,7 @@ def main(argv=None) -> int:
         shard=args.shard,
         cache_dir=args.cache_dir,
     )
-    summary = build_dataset(
-        scenes, args.out, cfg, val_out=args.val_out, progress=not args.no_progress, extra_settings={"format": args.format}
-    )
+    summary = build_dataset(scenes, args.out, cfg, val_out=args.val_out, progress=not args.no_progress)
     print(format_summary(summary))
     if args.summary_json:
         Path(args.summary_json).write_text(summary_json(summary))
