@@ -80,10 +80,12 @@ def _check_pair(pair: Mapping, index: int) -> None:
         raise ValueError(f"pair {index}: xs must have shape (N, 4), got {tuple(xs.shape)}")
 
 
-def _robust(x1, x2, keep, method, threshold, seed):
+def _robust(x1, x2, keep, method, threshold, seed, max_iters):
     """Estimator on the matches selected by ``keep`` (N,) bool; inliers mapped back to (N,)."""
     idx = torch.nonzero(keep, as_tuple=False).flatten()
-    out = estimate_essential(x1[idx], x2[idx], method=method, threshold=threshold, seed=seed)
+    out = estimate_essential(
+        x1[idx], x2[idx], method=method, threshold=threshold, seed=seed, max_iters=max_iters
+    )
     inliers = torch.zeros_like(keep)
     inliers[idx] = out["inliers"]
     return out, inliers
@@ -116,6 +118,7 @@ def evaluate_correspondences(
     thresholds: Mapping[str, float] | None = None,
     model_refine: bool = True,
     seed: int = 0,
+    max_iters: int = 1000,
     max_thresholds: Sequence[int] = (5, 10, 20),
     curve_thresholds: Sequence[float] = tuple(0.5 * i for i in range(61)),
     progress: Callable[[Iterable], Iterable] | None = None,
@@ -135,6 +138,8 @@ def evaluate_correspondences(
             :data:`n3sets.robust.DEFAULT_THRESHOLDS`).
         model_refine: also run ``<model>+ransac``.
         seed: OpenCV RNG seed of the estimators.
+        max_iters: iteration cap of the estimators (1000: OpenCV's default, used by the
+            Yi et al. and OANet evaluations).
         max_thresholds: the T of the reported mAP@T.
         curve_thresholds: thresholds (degrees) of the accuracy curves.
         progress: optional wrapper of the pair iterator (e.g. ``tqdm``).
@@ -180,7 +185,7 @@ def evaluate_correspondences(
             start = time.perf_counter()
             estimator = name.split("+")[-1]
             keep = ratio_keep if name.startswith("ratio+") else everything
-            out, inliers = _robust(x1, x2, keep, estimator, thr[estimator], seed)
+            out, inliers = _robust(x1, x2, keep, estimator, thr[estimator], seed, max_iters)
             rec = results[name]
             rec.seconds += time.perf_counter() - start
             if name.startswith("ratio+"):
@@ -202,7 +207,7 @@ def evaluate_correspondences(
             results[name].add(err(R[0], t[0]), ok, pred_stats)
             if model_refine:
                 start = time.perf_counter()
-                out, inliers = _robust(x1, x2, pred, "ransac", thr["ransac"], seed)
+                out, inliers = _robust(x1, x2, pred, "ransac", thr["ransac"], seed, max_iters)
                 rec = results[f"{name}+ransac"]
                 # the network's time counts too: it is part of the method
                 rec.seconds += seconds_model + time.perf_counter() - start
@@ -224,6 +229,7 @@ def evaluate_correspondences(
             "ratio_threshold": ratio_threshold,
             "thresholds": thr,
             "seed": seed,
+            "max_iters": max_iters,
             "max_thresholds": list(max_thresholds),
             "min_eight_point_inliers": MIN_EIGHT_POINT_INLIERS,
             "classification_average": "mean over pairs",

@@ -52,11 +52,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-model-ransac", action="store_true", help="skip <model>+ransac")
     p.add_argument("--max-pairs", type=int, default=None, help="evaluate only the first N pairs")
     p.add_argument("--seed", type=int, default=0, help="OpenCV RNG seed (default 0)")
+    p.add_argument("--max-iters", type=int, default=1000,
+                   help="RANSAC / MAGSAC++ iteration cap (default %(default)s, OpenCV's default)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.max_pairs is not None and args.max_pairs < 1:
         p.error("--max-pairs must be >= 1")
+    if args.max_iters < 1:
+        p.error("--max-iters must be >= 1")
     if not 0 < args.ratio <= 1:
         p.error("--ratio must be in (0, 1]")
     return args
@@ -140,6 +144,7 @@ def main(argv=None) -> dict:
         thresholds={"ransac": args.threshold, "magsac": args.magsac_threshold},
         model_refine=not args.no_model_ransac,
         seed=args.seed,
+        max_iters=args.max_iters,
         progress=progress,
     )
     elapsed = time.perf_counter() - start
@@ -159,7 +164,8 @@ def main(argv=None) -> dict:
         "curves": result["curves"],
     }
     print(f"{data}: {result['num_pairs']} pairs, {elapsed:.1f} s "
-          f"(RANSAC thr {args.threshold:g}, MAGSAC++ thr {args.magsac_threshold:g}, ratio {args.ratio:g})")
+          f"(RANSAC thr {args.threshold:g}, MAGSAC++ thr {args.magsac_threshold:g}, ratio {args.ratio:g}, "
+          f"max iters {args.max_iters})")
     print(format_table(result["methods"]))
     if args.json:
         path = Path(args.json)
