@@ -182,7 +182,6 @@ class MatchFilter:
 
     default_conf = {
         "threshold": 0.5,  # inlier probability threshold (0.5 is logit > 0, the trained decision)
-        "refine": "ransac",
         # RANSAC/MAGSAC inlier threshold in normalized units (K^-1 applied); None takes
         # n3sets.robust.DEFAULT_THRESHOLDS, the values the evaluation uses (1e-3 for RANSAC,
         # about 1 px at a focal length of 1000 px).
@@ -323,8 +322,9 @@ class MatchFilter:
         cap = self.conf["max_batch_matches"]
         start = 0
         while start < len(items):
-            stop = start + 1
-            while stop < len(items) and (stop + 1 - start) * max(it[1].shape[1] for it in items[start:stop + 1]) <= cap:
+            stop, longest = start + 1, items[start][1].shape[1]
+            while stop < len(items) and (stop + 1 - start) * max(longest, items[stop][1].shape[1]) <= cap:
+                longest = max(longest, items[stop][1].shape[1])
                 stop += 1
             chunk = items[start:stop]
             feats = torch.cat([x.t() for _, x in chunk], dim=0)  # (sum N, C_in)

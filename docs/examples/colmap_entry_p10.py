@@ -10,7 +10,10 @@ camera files, one shared camera, exhaustive pairs):
 - ``filtered``: every keypoint's nearest neighbour, classified by the network, RANSAC on the kept
   matches (``data_prep.colmap_export`` default);
 - ``unfiltered``: Lowe-ratio (0.8) mutual matches verified by COLMAP's own two-view geometry
-  estimator -- what a plain COLMAP run would do (``--no-filter``).
+  estimator -- what a plain COLMAP run would do (``--no-filter``);
+- ``ransac-only`` (with ``--ablation``): the filtered pipeline with the network replaced by one
+  that keeps every match, i.e. OpenCV RANSAC alone on all nearest-neighbour matches. It isolates
+  what the network adds.
 
 The mapper runs on each with the intrinsics held fixed. Reported per run: how many images
 register, and rotation errors against the ground truth (relative rotations of all registered
@@ -26,11 +29,22 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from data_prep.colmap_export import export_database, rotation_errors, run_mapper  # noqa: E402
 from data_prep.scenes import read_strecha_scene  # noqa: E402
+
+
+class KeepAll(torch.nn.Module):
+    """Stand-in 'network' for the ransac-only ablation: every match gets a large logit."""
+
+    conf = {"side_info": False}
+
+    def forward(self, x, mask=None):
+        return torch.full(x.shape[::2], 10.0)
 
 
 def compare(scene_dir, out_dir, weights="n3net-strecha", num_kp=2000, num_images=None, device="cpu",
@@ -46,9 +60,14 @@ def compare(scene_dir, out_dir, weights="n3net-strecha", num_kp=2000, num_images
     for run in runs:
         t0 = time.time()
         db = out_dir / f"{run}.db"
+        match_filter = None
+        if run == "ransac-only":
+            from n3sets.match_filter import MatchFilter
+
+            match_filter = MatchFilter(KeepAll())
         summary = export_database(image_dir, db, pairs="exhaustive", weights=weights, num_kp=num_kp,
-                                  camera_model="PINHOLE", K=scene.K[0], use_filter=(run == "filtered"),
-                                  device=device, image_names=names, overwrite=True)
+                                  camera_model="PINHOLE", K=scene.K[0], use_filter=(run != "unfiltered"),
+                                  device=device, image_names=names, overwrite=True, match_filter=match_filter)
         t_export = time.time() - t0
         rec = run_mapper(db, image_dir, out_dir / f"sparse_{run}", fixed_intrinsics=True, seed=seed)
         errors = rotation_errors(rec, R_gt)
@@ -68,13 +87,13 @@ def compare(scene_dir, out_dir, weights="n3net-strecha", num_kp=2000, num_images
 def format_table(results: dict) -> str:
     lines = [f"{results['scene']} ({len(results['images'])} images, {results['num_kp']} SIFT keypoints, "
              f"weights {results['weights']})",
-             f"{'run':<11} {'registered':>10} {'verified pairs':>14} {'rel. rot. err. med/max (deg)':>29} "
+             f"{'run':<12} {'registered':>10} {'verified pairs':>14} {'rel. rot. err. med/max (deg)':>29} "
              f"{'abs. rot. err. med/max (deg)':>29} {'points':>7}"]
     for run, r in results["runs"].items():
         rel = r.get("relative_deg")
         ab = r.get("absolute_deg")
         fmt = lambda s: f"{s['median']:.3f} / {s['max']:.3f}" if s else "-"  # noqa: E731
-        lines.append(f"{run:<11} {r['num_registered']:>5} / {r['num_images']:<2} "
+        lines.append(f"{run:<12} {r['num_registered']:>5} / {r['num_images']:<2} "
                      f"{r['verified_pairs']:>7} / {r['num_pairs']:<4} {fmt(rel):>29} {fmt(ab):>29} {r['num_points3D']:>7}")
     return "\n".join(lines)
 
@@ -88,6 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=None, help="use only the first N images")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(ROOT / "out" / "colmap_entry_p10"))
+    parser.add_argument("--ablation", action="store_true", help="also run ransac-only (no network)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     scene_dir = Path(args.data) / "strecha" / args.scene
@@ -95,7 +115,8 @@ def main(argv=None) -> int:
         print(f"error: scene folder {scene_dir} not found (--data)", file=sys.stderr)
         return 2
     results = compare(scene_dir, args.out, weights=args.weights, num_kp=args.num_kp,
-                      num_images=args.images, device=args.device)
+                      num_images=args.images, device=args.device,
+                      runs=("filtered", "unfiltered") + (("ransac-only",) if args.ablation else ()))
     Path(args.out, "results.json").write_text(json.dumps(results, indent=2))
     print(format_table(results))
     print(f"details: {Path(args.out, 'results.json')}")
