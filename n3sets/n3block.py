@@ -60,8 +60,11 @@ def _chunk_volumes(emb, temp, x, valid, start, stop, k, relaxation):
         W = hard_knn(dist, k, cmask)
     else:
         W = continuous_knn(dist, k, temp[:, start:stop].unsqueeze(-1), cmask)  # (B, k, Q, N)
-    # vol[b, j, c, q] = sum_o W[b, j, q, o] x[b, c, o]
-    return torch.matmul(x.unsqueeze(1), W.transpose(-1, -2))
+    # vol[b, j, c, q] = sum_o W[b, j, q, o] x[b, c, o], as one GEMM on the contiguous W (no copy
+    # of the k weight matrices in the forward or the backward)
+    k_, Q = W.shape[1], W.shape[2]
+    vol = torch.bmm(W.reshape(B, k_ * Q, N), x.transpose(1, 2))  # (B, k*Q, C)
+    return vol.view(B, k_, Q, -1).transpose(-1, -2)
 
 
 class _ChunkedVolumes(torch.autograd.Function):
