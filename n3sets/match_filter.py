@@ -188,7 +188,9 @@ class MatchFilter:
         "ransac_threshold": None,
         "ransac_confidence": 0.999,
         "seed": 0,
-        "max_batch_matches": 200_000,  # cap on B * Nmax per network call in filter_batch
+        # Cap on B * Nmax per network call in filter_batch: N3Net's KNN holds (k, N, N) weights per
+        # pair, so 8 pairs of 2000 matches (about 1 GB) is a safe CPU default.
+        "max_batch_matches": 16_000,
     }
 
     def __init__(self, model: torch.nn.Module, device="cpu", **conf):
