@@ -44,7 +44,7 @@ import h5py
 import numpy as np
 
 from .features import DEFAULT_CONTRAST_THRESHOLD, DEFAULT_NUM_KP, FeatureCache, match_both_ways
-from .h5io import atomic_h5, pair_key, pair_keys, read_settings, write_pair, write_settings
+from .h5io import atomic_h5, pair_key, pair_keys, read_pair, read_settings, write_pair, write_settings
 from .labels import DEFAULT_THRESHOLD, label_matches, pair_relative_pose
 from .scenes import Scene
 
@@ -431,8 +431,6 @@ def merge_h5(inputs, out) -> Path:
         raise ValueError("the shard files share pair names (same shard given twice?)")
     with atomic_h5(out) as dst:
         write_settings(dst, dict(settings, shard="merged", num_pairs=len(entries)))
-        from .h5io import read_pair
-
         for key, p in entries:
             with h5py.File(p, "r") as src:
                 write_pair(dst, key, read_pair(src[key]))

@@ -324,7 +324,7 @@ def read_colmap_scene(model_dir, image_dir, name: str | None = None) -> Scene:
                 covis[ids[a], ids[b]] += 1
                 covis[ids[b], ids[a]] += 1
     return Scene(
-        name=name or (model_dir.parent.name if model_dir.name.isdigit() else model_dir.name),
+        name=name or _colmap_scene_name(model_dir),
         root=model_dir,
         image_paths=paths,
         image_names=[img.name for img in images],
@@ -335,6 +335,16 @@ def read_colmap_scene(model_dir, image_dir, name: str | None = None) -> Scene:
         covisibility=covis,
         meta={"format": "colmap"},
     )
+
+
+def _colmap_scene_name(model_dir: Path) -> str:
+    """``project/sparse/0`` -> ``project``; ``project/sparse`` -> ``project``; else the folder name."""
+    parts = model_dir.resolve().parts
+    if model_dir.name.isdigit() and len(parts) >= 3 and parts[-2] == "sparse":
+        return parts[-3]
+    if model_dir.name == "sparse" and len(parts) >= 2:
+        return parts[-2]
+    return model_dir.parent.name if model_dir.name.isdigit() else model_dir.name
 
 
 def read_scene(fmt: str, path, image_dir=None) -> Scene:

@@ -237,3 +237,29 @@ def test_yi_fixture_builds_same_pairs_as_strecha(small_scene_dir, cache_dir, tmp
         ref = by_name[rec["image1"] + rec["image2"]]
         for field in ("xs", "label", "R", "t", "kpts2"):
             np.testing.assert_allclose(rec[field], ref[field], atol=1e-6)
+
+
+def test_colmap_model_builds(small_scene_dir, cache_dir, tmp_path):
+    """A COLMAP model of the same views builds the same labelled pairs; covisibility drives selection."""
+    from test_data_prep_scenes import _colmap_model
+
+    from data_prep.scenes import read_scene
+
+    scene = read_strecha_scene(small_scene_dir)
+    model = _colmap_model(scene, tmp_path / "project" / "sparse" / "0", n=3)
+    (tmp_path / "project" / "images").symlink_to(small_scene_dir / "images")
+    colmap = read_scene("colmap", model)  # images found at MODEL/../../images
+    out = tmp_path / "colmap.h5"
+    summary = build_dataset([colmap], out, _cfg(cache_dir, vis_threshold=0.5), progress=False)
+    recs = _contents(out)
+    assert len(recs) == 6 and summary["skipped"] == 0
+    ref = tmp_path / "st.h5"
+    build_dataset([scene], ref, _cfg(cache_dir, max_angle_deg=180, min_verified=0), progress=False)
+    by_name = {r["image1"] + r["image2"]: r for r in _contents(ref).values()}
+    for rec in recs.values():
+        other = by_name[rec["image1"] + rec["image2"]]
+        np.testing.assert_array_equal(rec["label"], other["label"])
+        np.testing.assert_allclose(rec["R"], other["R"], atol=1e-5)
+    assert colmap.name == "project"
+    # pairs (1, 3) and (2, 3) share one point: a threshold of 1 (strict) keeps only (1, 2), both ways
+    assert [(t["i"], t["j"]) for t in select_pairs([colmap], BuildConfig(vis_threshold=1.0))] == [(0, 1), (1, 0)]
