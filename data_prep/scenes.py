@@ -89,6 +89,25 @@ class Scene:
     def __len__(self) -> int:
         return len(self.image_paths)
 
+    def subset(self, indices) -> "Scene":
+        """The scene restricted to the views ``indices`` (a slice or a sequence of ints), in that order."""
+        idx = np.arange(len(self))[indices] if isinstance(indices, slice) else np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= len(self))):
+            raise ValueError(f"indices must select views 0..{len(self) - 1}, got {indices!r}")
+        covis = None if self.covisibility is None else np.asarray(self.covisibility)[np.ix_(idx, idx)]
+        return Scene(
+            name=self.name,
+            root=self.root,
+            image_paths=[self.image_paths[i] for i in idx],
+            image_names=[self.image_names[i] for i in idx],
+            K=self.K[idx],
+            R=self.R[idx],
+            t=self.t[idx],
+            sizes=self.sizes[idx],
+            covisibility=covis,
+            meta=dict(self.meta),
+        )
+
     @property
     def centers(self) -> np.ndarray:
         """Camera centres in world coordinates ``(V, 3)``: ``C = -R^T t``."""

@@ -72,6 +72,13 @@ def test_yi_layout_round_trip(strecha_root, tmp_path):
     assert all(p.endswith(n) for p, n in zip(back.image_paths, scene.image_names))
     # dispatch by name gives the same scene
     np.testing.assert_allclose(read_scene("yi", split).R, scene.R)
+    sub = back.subset([4, 1])
+    assert sub.image_names == [scene.image_names[4], scene.image_names[1]]
+    np.testing.assert_array_equal(sub.covisibility, covis[np.ix_([4, 1], [4, 1])])
+    np.testing.assert_allclose(sub.t, scene.t[[4, 1]])
+    assert len(back.subset(slice(2, 5))) == 3
+    with pytest.raises(ValueError, match="indices"):
+        back.subset([10])
 
 
 def test_yi_layout_errors(strecha_root, tmp_path):
