@@ -121,4 +121,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError) as err:
+        # Bad input (missing file, wrong layout): one clear line instead of a traceback.
+        print(f"build_corr_dataset.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -164,6 +164,9 @@ def test_cli_script_with_workers_and_shards(small_scene_dir, cache_dir, tmp_path
     assert res.returncode == 0, res.stderr
     assert "median keypoints" in res.stdout and "build time" in res.stdout
     assert (tmp_path / "cli.h5").read_bytes() == reference.read_bytes()
+    bad = subprocess.run(common[:4] + ["--scene", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.h5")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "nowhere" in bad.stderr and "Traceback" not in bad.stderr
     shards = []
     for i in range(2):
         path = tmp_path / f"shard{i}.h5"
