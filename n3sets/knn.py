@@ -132,10 +132,11 @@ def _forward_weights(dist, t, mask, k):
     # entries that matter (distances up to 1e6 with t = 1e-6).
     d0 = dist - shift
     if mask is not None:
-        d0 = torch.where(mask, d0, zero)  # garbage (inf/NaN) at disallowed entries must not leak
+        masked_out = ~mask
+        d0.masked_fill_(masked_out, 0.0)  # garbage (inf/NaN) at disallowed entries must not leak
     logits = d0 / (-t)
     if mask is not None:
-        logits.masked_fill_(~mask, float("-inf"))
+        logits.masked_fill_(masked_out, float("-inf"))
     W = dist.new_empty(dist.shape[:-2] + (k,) + dist.shape[-2:])
     alive_rows = []
     for j in range(k):
@@ -151,7 +152,8 @@ def _forward_weights(dist, t, mask, k):
         alive_rows.append(alive)
         top = logits.amax(-1, keepdim=True)
         e = logits - top
-        is_top = e == 0  # the row maximum (all of them when tied); every other w is < 1/2
+        # the row maximum (all of them when tied); every other w is < 1/2
+        is_top = e == 0 if j + 1 < k else None
         e.exp_()
         s = e.sum(-1, keepdim=True)
         w = W.select(-3, j)
@@ -161,8 +163,8 @@ def _forward_weights(dist, t, mask, k):
             # at the maximum log w = -log(s) and log(-expm1(.)) is used (Maechler 2012). A weight
             # that rounds to exactly 1 gives -inf: the item is removed, as in the hard update.
             upd = torch.log1p(torch.neg(w, out=e), out=e)
-            upd = torch.where(is_top, log1mexp(-torch.log(s)), upd)
-            logits = logits + upd
+            torch.where(is_top, log1mexp(-torch.log(s)), upd, out=upd)
+            logits.add_(upd)  # logits is always a fresh buffer here
         if alive is not None:
             w.masked_fill_(~alive, 0.0)
     return W, d0, alive_rows
@@ -192,22 +194,25 @@ class _ContinuousKNN(torch.autograd.Function):
             w = W.select(-3, j)
             g_l = gW.select(-3, j) * w
             if g_a is not None:
-                one_minus = 1.0 - w
-                r = torch.where(one_minus > 0, w / torch.where(one_minus > 0, one_minus, 1.0), 0.0)
-                g_l = g_l - g_a * r
-                g_a = g_a + g_l - w * g_l.sum(-1, keepdim=True)
+                r = torch.sub(1.0, w)  # r = w / (1 - w), and 0 where w == 1 (removed item)
+                r.masked_fill_(r <= 0, float("inf"))
+                torch.div(w, r, out=r)
+                g_l.addcmul_(g_a, r, value=-1.0)
+                sl = g_l.sum(-1, keepdim=True)
+                g_a.add_(g_l).addcmul_(w, sl, value=-1.0)
             else:
-                g_a = g_l - w * g_l.sum(-1, keepdim=True)
+                sl = g_l.sum(-1, keepdim=True)
+                g_a = g_l.addcmul_(w, sl, value=-1.0)
             alive = ctx.alive_rows[j]
             if alive is not None:
-                # Rows replaced by zeros in the forward pass no gradient to the real logits.
-                g_a = g_a.masked_fill(~alive, 0.0)
+                # rows replaced by zeros in the forward pass no gradient to the real logits
+                g_a.masked_fill_(~alive, 0.0)
         g_dist = g_t = None
-        if ctx.needs_input_grad[0]:
-            g_dist = g_a / (-t)
         if ctx.needs_input_grad[1]:
             # logits = -d0 / t  ->  d logits / dt = d0 / t^2
-            g_t = ((g_a * d0).sum(-1, keepdim=True) / (t * t)).sum_to_size(ctx.t_shape)
+            g_t = (torch.einsum("...o,...o->...", g_a, d0).unsqueeze(-1) / (t * t)).sum_to_size(ctx.t_shape)
+        if ctx.needs_input_grad[0]:
+            g_dist = g_a.div_(-t)
         return g_dist, g_t, None, None
 
 

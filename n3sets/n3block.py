@@ -26,12 +26,13 @@ from .knn import continuous_knn, hard_knn
 __all__ = ["N3Block", "HardKNNBlock", "pairwise_sq_dist", "n3_aggregate"]
 
 # impl="auto" uses the dense path while B * N * N is at most this many entries: the dense path
-# keeps ~(5k + 4) float tensors of that size for the backward (about 0.4 GiB at 4M entries, k=4).
-AUTO_DENSE_MAX_ENTRIES = 1 << 22
+# peaks at ~20 float buffers of that size (k=4; ~80 MiB at 2^20 entries). Measured on CPU, dense is
+# faster up to about N = 1000 per set; beyond, its N x N buffers leave the caches and chunked wins.
+AUTO_DENSE_MAX_ENTRIES = 1 << 20
 
 # Chunked path: queries per chunk chosen so that one chunk's matrices hold about this many entries
 # (small enough to stay cache-friendly, large enough to amortise per-chunk overhead).
-AUTO_CHUNK_ENTRIES = 1 << 18
+AUTO_CHUNK_ENTRIES = 1 << 20
 
 
 def pairwise_sq_dist(query: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
@@ -51,24 +52,31 @@ def _candidate_mask(valid: torch.Tensor | None, start: int, stop: int, n: int, b
     return not_self.unsqueeze(0) & valid.unsqueeze(1)
 
 
-def _chunk_volumes(emb, temp, x, valid, start, stop, k, relaxation):
-    """Neighbour volumes ``(B, k, C, Q)`` of the queries ``start:stop``."""
+def _chunk_weights(emb, temp, valid, start, stop, k, relaxation):
+    """KNN weights ``(B, k, Q, N)`` of the queries ``start:stop`` over all items of their set."""
     B, _, N = emb.shape
     dist = pairwise_sq_dist(emb[:, :, start:stop], emb)  # (B, Q, N)
     cmask = _candidate_mask(valid, start, stop, N, B, emb.device)
     if relaxation == "hard":
-        W = hard_knn(dist, k, cmask)
-    else:
-        W = continuous_knn(dist, k, temp[:, start:stop].unsqueeze(-1), cmask)  # (B, k, Q, N)
-    # vol[b, j, c, q] = sum_o W[b, j, q, o] x[b, c, o], as one GEMM on the contiguous W (no copy
-    # of the k weight matrices in the forward or the backward)
-    k_, Q = W.shape[1], W.shape[2]
-    vol = torch.bmm(W.reshape(B, k_ * Q, N), x.transpose(1, 2))  # (B, k*Q, C)
-    return vol.view(B, k_, Q, -1).transpose(-1, -2)
+        return hard_knn(dist, k, cmask)
+    return continuous_knn(dist, k, temp[:, start:stop].unsqueeze(-1), cmask)
+
+
+def _aggregate(W, x):
+    """``vol[b, j, c, q] = sum_o W[b, j, q, o] x[b, c, o]``: ``(B, k, Q, N), (B, C, N) -> (B, k, C, Q)``."""
+    # one GEMM on the contiguous W: no copy of the k weight matrices, forward or backward
+    B, k, Q, N = W.shape
+    vol = torch.bmm(W.reshape(B, k * Q, N), x.transpose(1, 2))  # (B, k*Q, C)
+    return vol.view(B, k, Q, -1).transpose(-1, -2)
+
+
+def _chunk_volumes(emb, temp, x, valid, start, stop, k, relaxation):
+    """Neighbour volumes ``(B, k, C, Q)`` of the queries ``start:stop``."""
+    return _aggregate(_chunk_weights(emb, temp, valid, start, stop, k, relaxation), x)
 
 
 class _ChunkedVolumes(torch.autograd.Function):
-    """Neighbour volumes computed chunk by chunk; the backward recomputes each chunk (checkpointing)."""
+    """Neighbour volumes computed chunk by chunk; the backward recomputes each chunk's weights."""
 
     @staticmethod
     def forward(ctx, emb, temp, x, valid, k, chunk, relaxation):
@@ -90,41 +98,38 @@ class _ChunkedVolumes(torch.autograd.Function):
         need_emb, need_temp, need_x = ctx.needs_input_grad[:3]
         if relaxation == "hard":
             need_emb = need_temp = False  # the selection is piecewise constant
-        N = x.shape[-1]
+        B, C, N = x.shape
         g_emb = torch.zeros_like(emb) if need_emb else None
         g_temp = torch.zeros_like(temp) if need_temp else None
         g_x = torch.zeros_like(x) if need_x else None
         emb_ = emb.detach().requires_grad_(need_emb)
-        x_ = x.detach().requires_grad_(need_x)
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
+            Q = e - s
+            g_vol = grad_out[..., s:e]  # (B, k, C, Q)
             with torch.enable_grad():
+                temp_ = temp
                 if need_temp:
-                    # Only this chunk's temperatures enter its rows: give them their own leaf.
+                    # only this chunk's temperatures enter its rows: give them their own leaf
                     t_chunk = temp[:, s:e].detach().requires_grad_(True)
                     temp_ = torch.cat([temp[:, :s].detach(), t_chunk, temp[:, e:].detach()], dim=1)
-                else:
-                    temp_ = temp
-                vol = _chunk_volumes(emb_, temp_, x_, valid, s, e, k, relaxation)
-                leaves = [t for t, need in ((emb_, need_emb), (x_, need_x)) if need]
-                if need_temp:
-                    leaves.append(t_chunk)
-                if not leaves:
-                    continue
-                grads = torch.autograd.grad(vol, leaves, grad_out[..., s:e].contiguous(), allow_unused=True)
-            grads = list(grads)
-            if need_emb:
-                gi = grads.pop(0)
-                if gi is not None:
-                    g_emb += gi
+                W = _chunk_weights(emb_, temp_, valid, s, e, k, relaxation)  # (B, k, Q, N)
+            # The aggregation is bilinear, so its gradients are two GEMMs and the volumes
+            # themselves need not be recomputed.
             if need_x:
-                gi = grads.pop(0)
-                if gi is not None:
-                    g_x += gi
-            if need_temp:
-                gi = grads.pop(0)
-                if gi is not None:
-                    g_temp[:, s:e] = gi
+                g_x += torch.bmm(g_vol.permute(0, 2, 1, 3).reshape(B, C, k * Q), W.detach().reshape(B, k * Q, N))
+            leaves = ([emb_] if need_emb else []) + ([t_chunk] if need_temp else [])
+            if leaves:
+                g_W = torch.bmm(g_vol.transpose(-1, -2).reshape(B, k * Q, C), x).view(B, k, Q, N)
+                grads = list(torch.autograd.grad(W, leaves, g_W, allow_unused=True))
+                if need_emb:
+                    gi = grads.pop(0)
+                    if gi is not None:
+                        g_emb += gi
+                if need_temp:
+                    gi = grads.pop(0)
+                    if gi is not None:
+                        g_temp[:, s:e] = gi
         return g_emb, g_temp, g_x, None, None, None, None
 
 
@@ -147,7 +152,7 @@ def n3_aggregate(
         k: number of neighbours.
         mask: optional ``(B, N)`` bool, True = valid item; padded items are never candidates.
         impl: ``"dense"`` or ``"chunked"`` (same values and gradients).
-        chunk_size: queries per chunk for ``"chunked"`` (None: about 2^18 / N... see AUTO_CHUNK_ENTRIES).
+        chunk_size: queries per chunk for ``"chunked"`` (None: AUTO_CHUNK_ENTRIES // (B * N)).
         relaxation: ``"continuous"`` (paper Eqs. 8-10) or ``"hard"`` (KNN, no gradient through selection).
 
     Returns:
@@ -209,8 +214,8 @@ class N3Block(nn.Module):
       The last layer starts at zero, so every item starts at ``init_temperature``.
     * ``norm``: ``"batch"`` (masked batch norm between hidden layers) or ``"none"``.
     * ``impl``: ``"dense"``, ``"chunked"`` or ``"auto"`` (dense while ``B * N * N`` is at most
-      ``auto_dense_max`` entries, default 2^22).
-    * ``chunk_size``: queries per chunk of the chunked path (None: about 2^18 / (B * N)).
+      ``auto_dense_max`` entries, default 2^20).
+    * ``chunk_size``: queries per chunk of the chunked path (None: 2^20 // (B * N), at least 1).
     * ``relaxation``: ``"continuous"`` (paper) or ``"hard"`` (hard KNN ablation: no gradient
       through the selection, but the volumes still pass gradient to ``x``).
 
