@@ -29,7 +29,7 @@ from .essential import logits_to_weights, weighted_eight_point
 from .metrics import accuracy_curve, classification_metrics, mean_average_precision
 from .models import model_inputs
 from .pose import FAILED_POSE_ERROR, pose_error, recover_pose
-from .robust import DEFAULT_THRESHOLDS, estimate_essential
+from .robust import DEFAULT_MAX_ITERS, DEFAULT_THRESHOLDS, estimate_essential
 
 __all__ = ["evaluate_correspondences", "BASELINES", "MIN_EIGHT_POINT_INLIERS", "PAIR_KEYS"]
 
@@ -118,7 +118,7 @@ def evaluate_correspondences(
     thresholds: Mapping[str, float] | None = None,
     model_refine: bool = True,
     seed: int = 0,
-    max_iters: int = 1000,
+    max_iters: int = DEFAULT_MAX_ITERS,
     max_thresholds: Sequence[int] = (5, 10, 20),
     curve_thresholds: Sequence[float] = tuple(0.5 * i for i in range(61)),
     progress: Callable[[Iterable], Iterable] | None = None,
@@ -138,8 +138,8 @@ def evaluate_correspondences(
             :data:`n3sets.robust.DEFAULT_THRESHOLDS`).
         model_refine: also run ``<model>+ransac``.
         seed: OpenCV RNG seed of the estimators.
-        max_iters: iteration cap of the estimators (1000: OpenCV's default, used by the
-            Yi et al. and OANet evaluations).
+        max_iters: iteration cap of the estimators (default :data:`n3sets.robust.DEFAULT_MAX_ITERS`;
+            the Yi et al. and OANet evaluations used OpenCV's default, 1000).
         max_thresholds: the T of the reported mAP@T.
         curve_thresholds: thresholds (degrees) of the accuracy curves.
         progress: optional wrapper of the pair iterator (e.g. ``tqdm``).

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from n3sets.evaluation import BASELINES, evaluate_correspondences  # noqa: E402
-from n3sets.robust import DEFAULT_THRESHOLDS  # noqa: E402
+from n3sets.robust import DEFAULT_MAX_ITERS, DEFAULT_THRESHOLDS  # noqa: E402
 
 TABLE_COLUMNS = ("mAP5", "mAP10", "mAP20", "precision", "recall", "f1")
 
@@ -52,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-model-ransac", action="store_true", help="skip <model>+ransac")
     p.add_argument("--max-pairs", type=int, default=None, help="evaluate only the first N pairs")
     p.add_argument("--seed", type=int, default=0, help="OpenCV RNG seed (default 0)")
-    p.add_argument("--max-iters", type=int, default=1000,
-                   help="RANSAC / MAGSAC++ iteration cap (default %(default)s, OpenCV's default)")
+    p.add_argument("--max-iters", type=int, default=DEFAULT_MAX_ITERS,
+                   help="RANSAC / MAGSAC++ iteration cap (default %(default)s; Yi et al. / OANet used 1000)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
