@@ -144,7 +144,8 @@ def test_robust_recovers_pose_with_outliers(method):
 
     for seed in range(3):
         R, t, x1, x2, label = _noisy_matches(seed=seed)
-        out = estimate_essential(x1, x2, method=method, seed=0)
+        # threshold 5x the noise, so that recall is a property of the estimator, not the cut
+        out = estimate_essential(x1, x2, method=method, threshold=1e-3, seed=0)
         assert out["ok"]
         assert pose_error(out["R"], out["t"], R, t).item() < 2.0
         inl = out["inliers"]
