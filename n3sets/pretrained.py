@@ -60,8 +60,13 @@ def resolve_weights(name_or_path) -> Path:
 
 def _plain(value, where: str):
     """Check that meta/conf hold only plain Python values (loadable with weights_only=True)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None:
         return value
+    # exact builtin types only: subclasses (torch's TorchVersion is a str, numpy's float64 a
+    # float) would need their class at load time, which weights_only=True refuses
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
     if isinstance(value, (list, tuple)):
         return [_plain(v, where) for v in value]
     if isinstance(value, dict):

@@ -1,0 +1,470 @@
+#!/usr/bin/env python
+"""Train a correspondence classifier (CNNet or N3Net) and report validation mAP.
+
+With no arguments it runs the embedded default: a small synthetic dataset is written to
+``runs/train_corr_default/data`` (once), a small N3Net is trained on it for a few epochs and the
+validation mAP is printed -- the whole loop in a few minutes on a CPU.
+
+Real data::
+
+    python pipelines/train_corr.py --train data_out/strecha_train.h5 --val data_out/strecha_val.h5 \
+        --model n3net --out runs/n3net --epochs 20 --max-matches 1000 --export n3net-strecha
+
+Every epoch: training with a progress bar, validation (pose from the weighted eight-point E of
+the predicted weights, cheirality via ``n3sets.pose.recover_pose``, ``mAP5/10/20``; precision,
+recall, F1 at logit 0), ``last.pt`` and (when val mAP20 improves, ties broken by mAP10 then
+mAP5 and by the lower validation loss) ``best.pt`` written atomically, ``log.csv``, ``log.json``
+and ``curves.png`` in ``--out``. ``--resume`` continues from ``last.pt`` exactly (model,
+optimizer, epoch, step, RNG state; data order and subsampling depend on (seed, epoch) only).
+``--export NAME`` writes the best checkpoint as a shippable weight file (model conf + weights +
+meta) to ``n3sets/weights/NAME.pt``, or to NAME itself when it is a path.
+
+Runs unchanged under ``torchrun --nproc_per_node=2`` (DistributedDataParallel, gloo on CPU,
+DistributedSampler; validation is split across ranks and gathered; only rank 0 writes).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+from data_prep.corr_dataset import CorrespondenceDataset, collate_sets  # noqa: E402
+from n3sets.essential import logits_to_weights, weighted_eight_point  # noqa: E402
+from n3sets.geometry import essential_from_pose  # noqa: E402
+from n3sets.losses import CorrespondenceLoss, balanced_bce, essential_loss  # noqa: E402
+from n3sets.metrics import classification_metrics, mean_average_precision  # noqa: E402
+from n3sets.models import CNNet, N3Net  # noqa: E402
+from n3sets.pose import pose_error, recover_pose  # noqa: E402
+from n3sets.pretrained import WEIGHTS_DIR, atomic_torch_save, save_model  # noqa: E402
+
+MODELS = {"cnnet": CNNet, "n3net": N3Net}
+
+# The embedded default (no --train): small synthetic data and a small N3Net, a few minutes on CPU.
+DEFAULT_RUN = {
+    "out": "runs/train_corr_default",
+    "train_pairs": 160,
+    "val_pairs": 48,
+    "num_matches": (150, 300),
+    "outlier_ratio": 0.5,
+    "epochs": 8,
+    "model_conf": {"channels": 32, "num_blocks": 4, "n3_after": 2, "k": 3, "embed_channels": 16},
+}
+CSV_FIELDS = ["epoch", "step", "lr", "train_loss", "train_cls", "train_ess", "val_loss", "val_cls", "val_ess",
+              "mAP5", "mAP10", "mAP20", "precision", "recall", "f1", "epoch_time_s", "train_time_s"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--train", type=Path, help="training h5 (data_prep schema); omit for the synthetic default")
+    p.add_argument("--val", type=Path, help="validation h5")
+    p.add_argument("--model", choices=sorted(MODELS), default="n3net")
+    p.add_argument("--out", type=Path, help="output folder (default runs/train_corr_default without --train)")
+    p.add_argument("--side-info", action="store_true", help="add Lowe ratio and mutual flag as input channels")
+    p.add_argument("--epochs", type=int, help="epochs (default 20, or 6 for the synthetic default)")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per step (per process under torchrun)")
+    p.add_argument("--val-batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-matches", type=int, default=1000,
+                   help="random subset of matches per training pair (0 = all); validation uses all matches")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    p.add_argument("--essential-after", type=int, default=-1,
+                   help="step after which the essential-matrix loss is added (-1 = never; Yi et al. 20000)")
+    p.add_argument("--essential-weight", type=float, default=0.1)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads per process (default: cores / processes)")
+    # architecture (defaults are the paper's: 12 blocks, 128 channels, N3 block after the sixth)
+    p.add_argument("--channels", type=int)
+    p.add_argument("--blocks", type=int)
+    p.add_argument("--k", type=int, help="N3Net: neighbours")
+    p.add_argument("--n3-after", type=int, help="N3Net: residual blocks before the N3 block")
+    p.add_argument("--embed-channels", type=int, help="N3Net: embedding width")
+    p.add_argument("--model-conf", type=json.loads, default={}, help="JSON dict of further model conf overrides")
+    p.add_argument("--max-train-pairs", type=int, help="use only the first N training pairs (debugging)")
+    p.add_argument("--max-val-pairs", type=int, help="use only the first N validation pairs (debugging)")
+    p.add_argument("--export", help="write the best checkpoint as weight file NAME (n3sets/weights/NAME.pt) or PATH")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    args = p.parse_args(argv)
+    if (args.train is None) != (args.val is None):
+        p.error("--train and --val go together (or neither, for the synthetic default)")
+    args.synthetic_default = args.train is None
+    if args.train is None:
+        args.out = args.out or Path(DEFAULT_RUN["out"])
+        args.epochs = args.epochs or DEFAULT_RUN["epochs"]
+    elif args.out is None:
+        p.error("--out is required with --train")
+    args.epochs = 20 if args.epochs is None else args.epochs
+    for name in ("batch_size", "val_batch_size", "epochs"):
+        if getattr(args, name) < (0 if name == "epochs" else 1):
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed helpers
+def dist_setup(threads: int | None):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(threads)
+    return rank, world
+
+
+def barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
+def gather_lists(obj: list, world: int) -> list:
+    if world == 1:
+        return obj
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return [x for part in out for x in part]
+
+
+# ----------------------------------------------------------------------------------------------
+def model_conf_from_args(args) -> dict:
+    conf = {"side_info": bool(args.side_info)}
+    if args.synthetic_default:
+        conf.update(DEFAULT_RUN["model_conf"])
+        if args.model == "cnnet":
+            conf = {k: v for k, v in conf.items() if k in CNNet.default_conf}
+    for key, value in (("channels", args.channels), ("num_blocks", args.blocks), ("k", args.k),
+                       ("n3_after", args.n3_after), ("embed_channels", args.embed_channels)):
+        if value is not None:
+            if key not in MODELS[args.model].default_conf:
+                raise SystemExit(f"--{key.replace('_', '-')} does not apply to --model {args.model}")
+            conf[key] = value
+    conf.update(args.model_conf)
+    return conf
+
+
+def prepare_default_data(out: Path, rank: int, world: int, seed: int) -> tuple[Path, Path]:
+    """Write the synthetic train/val files of the embedded default once (rank 0)."""
+    from data_prep.synthetic import write_synthetic_dataset
+
+    data = out / "data"
+    train, val = data / "synthetic_train.h5", data / "synthetic_val.h5"
+    if rank == 0:
+        data.mkdir(parents=True, exist_ok=True)
+        kw = {"num_matches": DEFAULT_RUN["num_matches"], "outlier_ratio": DEFAULT_RUN["outlier_ratio"]}
+        if not train.is_file():
+            write_synthetic_dataset(train, DEFAULT_RUN["train_pairs"], seed=seed, **kw)
+        if not val.is_file():
+            write_synthetic_dataset(val, DEFAULT_RUN["val_pairs"], seed=seed + 10_000, **kw)
+    barrier(world)
+    return train, val
+
+
+def split_batch(batch: dict):
+    xs = batch["xs"]
+    E_gt = essential_from_pose(batch["R"], batch["t"])
+    return batch["x"], batch["mask"], batch["label"], xs[..., :2], xs[..., 2:], E_gt
+
+
+@torch.no_grad()
+def validate(model, loader, rank: int, world: int, progress: bool) -> dict:
+    """Pose errors from the weighted eight-point E of the predicted weights, gathered over ranks."""
+    model.eval()
+    rows = []  # per pair: (error_deg, cls_loss, ess_loss, precision, recall, f1)
+    it = loader
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(loader, desc="val", leave=False, dynamic_ncols=True, mininterval=2 if sys.stderr.isatty() else 30)
+    for batch in it:
+        x, mask, label, x1, x2, E_gt = split_batch(batch)
+        logits = model(x, mask)
+        w = logits_to_weights(logits) * mask
+        E = weighted_eight_point(x1, x2, w, mask)
+        # weights vote in the cheirality test: confident inliers decide between the 4 poses
+        R, t, ok = recover_pose(E, x1, x2, mask=w)
+        err = pose_error(R, t, batch["R"], batch["t"], ok)
+        cls = classification_metrics(logits > 0, label, mask)
+        for b in range(x.shape[0]):
+            sl = slice(b, b + 1)
+            rows.append((float(err[b]), float(balanced_bce(logits[sl], label[sl], mask[sl])),
+                         float(essential_loss(E[sl], E_gt[sl])), float(cls["precision"][b]),
+                         float(cls["recall"][b]), float(cls["f1"][b])))
+    rows = gather_lists(rows, world)
+    arr = np.asarray(rows, dtype=np.float64).reshape(-1, 6)
+    out = mean_average_precision(torch.as_tensor(arr[:, 0]))
+    out.update(val_cls=float(arr[:, 1].mean()), val_ess=float(arr[:, 2].mean()),
+               precision=float(arr[:, 3].mean()), recall=float(arr[:, 4].mean()), f1=float(arr[:, 5].mean()),
+               num_pairs=int(len(arr)))
+    out["val_loss"] = out["val_cls"]
+    return out
+
+
+def better(metrics: dict, best: dict | None) -> bool:
+    """Model selection: val mAP20, then mAP10, mAP5, then the lower classification loss."""
+    if best is None:
+        return True
+    key = lambda m: (round(m["mAP20"], 9), round(m["mAP10"], 9), round(m["mAP5"], 9), -m["val_cls"])  # noqa: E731
+    return key(metrics) > key(best)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def write_logs(out: Path, history: list, info: dict):
+    tmp = out / "log.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+    os.replace(tmp, out / "log.csv")
+    tmp = out / "log.json.tmp"
+    tmp.write_text(json.dumps({**info, "history": history}, indent=2))
+    os.replace(tmp, out / "log.json")
+    try:
+        plot_curves(out / "curves.png", history)
+    except Exception as exc:  # a plot must never stop a training run
+        print(f"warning: could not write curves.png: {exc}", file=sys.stderr)
+
+
+def plot_curves(path: Path, history: list):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [h["train_cls"] for h in history], "o-", label="train BCE")
+    a.plot(ep, [h["val_cls"] for h in history], "o-", label="val BCE")
+    if any(h["train_ess"] for h in history):
+        a.plot(ep, [h["val_ess"] for h in history], "o--", label="val essential loss")
+    a.set_xlabel("epoch")
+    a.set_title("losses")
+    a.legend()
+    for key in ("mAP5", "mAP10", "mAP20"):
+        b.plot(ep, [h[key] for h in history], "o-", label=key)
+    b.set_xlabel("epoch")
+    b.set_ylim(0, 1)
+    b.set_title("validation mAP")
+    b.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def export_target(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".pt" or len(path.parts) > 1:
+        return path
+    return WEIGHTS_DIR / f"{name}.pt"
+
+
+def export_best(args, out: Path, command: str) -> Path:
+    ckpt_path = out / "best.pt"
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"--export: no best checkpoint at {ckpt_path}")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    model = MODELS[ckpt["model_name"]](ckpt["model_conf"])
+    model.load_state_dict(ckpt["model"])
+    hist = ckpt["history"]
+    best = ckpt["best"]
+    meta = {
+        "command": ckpt.get("command", command),
+        "export_command": command,
+        "train_data": ckpt["data"]["train"],
+        "val_data": ckpt["data"]["val"],
+        "train_pairs": ckpt["data"]["train_pairs"],
+        "val_pairs": ckpt["data"]["val_pairs"],
+        "epochs": int(ckpt["epoch"]),
+        "epochs_trained_total": int(hist[-1]["epoch"]) if hist else 0,
+        "steps": int(ckpt["step"]),
+        "world_size": int(ckpt.get("world_size", 1)),
+        "val_mAP5": best["mAP5"], "val_mAP10": best["mAP10"], "val_mAP20": best["mAP20"],
+        "val_f1": best["f1"],
+        "train_time_s": float(hist[-1]["train_time_s"]) if hist else 0.0,
+        "train_time_to_best_s": float(ckpt["train_time_s"]),
+        "selection": "best validation mAP20 (ties: mAP10, mAP5, lower val BCE)",
+        "val_history": [{k: h[k] for k in ("epoch", "mAP5", "mAP10", "mAP20", "f1")} for h in hist],
+        "torch": str(torch.__version__),
+        "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    target = export_target(args.export)
+    save_model(target, model, **meta)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    rank, world = dist_setup(args.threads)
+    command = "python pipelines/train_corr.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    if world > 1:
+        command = f"torchrun --nproc_per_node={world} " + command[len("python "):]
+    out: Path = args.out
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if args.train is None:
+        args.train, args.val = prepare_default_data(out, rank, world, args.seed)
+        if rank == 0:
+            print(f"synthetic default: data in {args.train.parent}, output in {out}")
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+
+    max_matches = args.max_matches if args.max_matches and args.max_matches > 0 else None
+    train_set = CorrespondenceDataset(args.train, side_info=args.side_info, max_matches=max_matches, seed=args.seed)
+    val_set = CorrespondenceDataset(args.val, side_info=args.side_info)
+    if args.max_train_pairs:
+        train_set.keys = train_set.keys[: args.max_train_pairs]
+    if args.max_val_pairs:
+        val_set.keys = val_set.keys[: args.max_val_pairs]
+    # one sampler in both modes: the order depends on (seed, epoch) only, so --resume is exact
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_sets,
+                              num_workers=args.num_workers, persistent_workers=False)
+    val_loader = DataLoader(Subset(val_set, list(range(rank, len(val_set), world))), batch_size=args.val_batch_size,
+                            shuffle=False, collate_fn=collate_sets, num_workers=args.num_workers)
+
+    model_conf = model_conf_from_args(args)
+    model = MODELS[args.model](model_conf)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    criterion = CorrespondenceLoss(essential_weight=args.essential_weight, essential_after=args.essential_after)
+
+    start_epoch, step, history, best, best_train_time = 0, 0, [], None, 0.0
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if args.resume and last_path.is_file():
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)  # written by this program
+        if ckpt["model_name"] != args.model or ckpt["model_conf"] != model.conf:
+            raise SystemExit(f"--resume: {last_path} holds {ckpt['model_name']} {ckpt['model_conf']}, "
+                             f"not {args.model} {model.conf}; use the same model options")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, step, history, best = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best"]
+        best_train_time = ckpt.get("best_train_time_s", 0.0)
+        set_rng_state(ckpt["rng"])
+        if rank == 0:
+            print(f"resumed from {last_path}: epoch {start_epoch}, step {step}")
+    elif args.resume and rank == 0:
+        print(f"--resume: no {last_path} yet, starting from scratch")
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    progress = rank == 0 and not args.no_progress
+    n_params = sum(p.numel() for p in model.parameters())
+    if rank == 0:
+        print(f"{type(model).__name__} ({n_params / 1e6:.3f} M parameters) {model.conf}")
+        print(f"train: {args.train} ({len(train_set)} pairs), val: {args.val} ({len(val_set)} pairs), "
+              f"processes: {world}, threads/process: {torch.get_num_threads()}")
+
+    info = {"command": command, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "model": args.model, "model_conf": model.conf, "parameters": n_params, "world_size": world}
+    data_info = {"train": str(args.train), "val": str(args.val), "train_pairs": len(train_set), "val_pairs": len(val_set)}
+    train_time = history[-1]["train_time_s"] if history else 0.0
+
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        net.train()
+        sums = {"loss": 0.0, "cls": 0.0, "ess": 0.0, "n": 0}
+        it = train_loader
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
+                      mininterval=1 if sys.stderr.isatty() else 60)
+        for batch in it:
+            x, mask, label, x1, x2, E_gt = split_batch(batch)
+            logits = net(x, mask)
+            loss, parts = criterion(logits, label, mask, x1, x2, E_gt, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            sums["loss"] += float(loss.detach())
+            sums["cls"] += parts["cls"]
+            sums["ess"] += parts["ess"]
+            sums["n"] += 1
+            if progress:
+                it.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}", ess="on" if criterion.essential_active(step) else "off")
+        train_time += time.time() - t0
+        if world > 1:  # average the logged training losses over processes
+            t = torch.tensor([sums["loss"], sums["cls"], sums["ess"], sums["n"]], dtype=torch.float64)
+            dist.all_reduce(t)
+            sums = dict(zip(("loss", "cls", "ess", "n"), t.tolist()))
+        metrics = validate(model, val_loader, rank, world, progress)
+        n = max(sums["n"], 1)
+        row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+               "train_loss": sums["loss"] / n, "train_cls": sums["cls"] / n,
+               "train_ess": sums["ess"] / n if criterion.essential_active(step) else 0.0,
+               **{k: metrics[k] for k in ("val_loss", "val_cls", "val_ess", "mAP5", "mAP10", "mAP20",
+                                          "precision", "recall", "f1")},
+               "epoch_time_s": time.time() - t0, "train_time_s": train_time}
+        history.append(row)
+        is_best = better(metrics, best)
+        if is_best:
+            best, best_train_time = {**metrics, "epoch": epoch + 1}, train_time
+        if rank == 0:
+            ckpt = {"model_name": args.model, "model_conf": model.conf, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step, "history": history,
+                    "best": best, "best_train_time_s": best_train_time, "train_time_s": train_time,
+                    "command": command, "data": data_info, "world_size": world, "args": info["args"],
+                    "rng": rng_state()}
+            atomic_torch_save(ckpt, last_path)
+            if is_best:
+                atomic_torch_save(ckpt, best_path)
+            write_logs(out, history, {**info, "data": data_info, "best": best})
+            print(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f}  val BCE {row['val_cls']:.4f}  "
+                  f"mAP5 {row['mAP5']:.3f}  mAP10 {row['mAP10']:.3f}  mAP20 {row['mAP20']:.3f}  F1 {row['f1']:.3f}  "
+                  f"({row['epoch_time_s']:.0f} s){'  *best*' if is_best else ''}", flush=True)
+        barrier(world)
+
+    summary = {"out": str(out), "best": best, "epochs": len(history)}
+    if rank == 0:
+        if best is not None:
+            print(f"best epoch {best['epoch']}: val mAP5 {best['mAP5']:.3f}  mAP10 {best['mAP10']:.3f}  "
+                  f"mAP20 {best['mAP20']:.3f}  ({best['num_pairs']} pairs); checkpoints in {out}")
+        if args.export:
+            target = export_best(args, out, command)
+            summary["export"] = str(target)
+            print(f"exported {best_path} -> {target} ({target.stat().st_size / 1e6:.2f} MB)")
+    barrier(world)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
