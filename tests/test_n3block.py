@@ -209,3 +209,16 @@ def test_bad_inputs_raise_value_error(call, words):
     with pytest.raises(ValueError) as exc:
         call(blk)
     assert words in str(exc.value)
+
+
+def test_identity_embedding_knn_in_input_space():
+    blk = HardKNNBlock(3, k=2, embed_depth=0).double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, 6:] = False
+    y = blk(x, mask)
+    xm = x * mask.unsqueeze(1)
+    d = torch.cdist(xm.transpose(1, 2), xm.transpose(1, 2)) ** 2
+    cand = mask.unsqueeze(1) & ~torch.eye(8, dtype=torch.bool)
+    W = hard_knn(d, 2, cand)
+    torch.testing.assert_close(y[:, 3:].reshape(2, 2, 3, 8), torch.einsum("bjmo,bco->bjcm", W, xm))
