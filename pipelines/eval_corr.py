@@ -27,7 +27,8 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 from n3sets.evaluation import BASELINES, evaluate_correspondences  # noqa: E402
 from n3sets.robust import DEFAULT_MAX_ITERS, DEFAULT_THRESHOLDS  # noqa: E402
 
-TABLE_COLUMNS = ("mAP5", "mAP10", "mAP20", "precision", "recall", "f1")
+TABLE_COLUMNS = ("mAP5", "mAP10", "mAP20", "precision", "recall", "f1", "failures", "seconds_per_pair")
+HEADERS = {"seconds_per_pair": "s/pair"}
 
 
 def model_name(name_or_path: str) -> str:
@@ -68,11 +69,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def format_table(methods: dict, columns=TABLE_COLUMNS) -> str:
     """Markdown table of the method metrics (missing values as '-')."""
-    head = "| method | " + " | ".join(columns) + " |"
+    head = "| method | " + " | ".join(HEADERS.get(c, c) for c in columns) + " |"
     rule = "|---|" + "---:|" * len(columns)
     rows = [head, rule]
     for name, metrics in methods.items():
-        cells = [f"{metrics[c]:.3f}" if c in metrics else "-" for c in columns]
+        cells = [
+            "-" if c not in metrics
+            else str(metrics[c]) if isinstance(metrics[c], int)
+            else f"{metrics[c]:.2f}" if c == "seconds_per_pair"
+            else f"{metrics[c]:.3f}"
+            for c in columns
+        ]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
