@@ -8,11 +8,13 @@ into k neighbour volumes, which are concatenated to the input: ``(B, (k + 1) * C
 
 Two execution paths give the same result:
 
-* ``impl="dense"``: the whole ``(B, N, N)`` distance matrix and the k weight matrices, plain
-  autograd (memory ~ k * B * N^2).
+* ``impl="dense"``: the whole ``(B, N, N)`` distance matrix and the k weight matrices are built
+  and kept for the backward by ordinary autograd (peak memory ~ (3k + 8) * B * N^2 floats).
 * ``impl="chunked"``: queries in chunks of ``chunk_size``; a custom autograd function saves only
-  its inputs (embedding, temperatures, x, mask) and recomputes each chunk in the backward
-  (memory ~ B * N * chunk_size).
+  its inputs (embedding, temperatures, x, mask) and recomputes each chunk's weights in the
+  backward (memory ~ B * N * chunk_size).
+
+Both call the same per-chunk code, so they differ only in what is kept for the backward.
 """
 from __future__ import annotations
 
@@ -171,8 +173,7 @@ def n3_aggregate(
     chunk = chunk_size or max(1, min(N, AUTO_CHUNK_ENTRIES // max(1, B * N)))
     if temperature is None:
         temperature = emb.new_ones(B, N)  # unused by the hard path, keeps the saved tensors uniform
-    valid = mask if mask is not None else None
-    return _ChunkedVolumes.apply(emb, temperature, x, valid, k, int(chunk), relaxation)
+    return _ChunkedVolumes.apply(emb, temperature, x, mask, k, int(chunk), relaxation)
 
 
 def _mlp(in_channels: int, hidden: int, out_channels: int, depth: int, norm: str) -> nn.ModuleList:
