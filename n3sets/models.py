@@ -49,12 +49,15 @@ def context_norm(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float =
         return (x - mean) * torch.rsqrt(var + eps)
     if mask.shape != (x.shape[0], x.shape[2]):
         raise ValueError(f"mask must have shape (B, N) = {(x.shape[0], x.shape[2])}, got {tuple(mask.shape)}")
-    m = mask.unsqueeze(1).to(x.dtype)                                    # (B, 1, N)
-    count = m.sum(-1, keepdim=True).clamp_min(1.0)
-    xm = x * m  # padded items may hold anything; they must not enter the statistics
+    valid = mask.unsqueeze(1)                                            # (B, 1, N)
+    count = valid.sum(-1, keepdim=True).clamp_min(1).to(x.dtype)
+    # padded items may hold anything (even inf/NaN, and 0 * inf = NaN): select, never multiply
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    xm = torch.where(valid, x, zero)
     mean = xm.sum(-1, keepdim=True) / count
-    var = (((x - mean) * m) ** 2).sum(-1, keepdim=True) / count
-    return (x - mean) * torch.rsqrt(var + eps) * m
+    centered = torch.where(valid, x - mean, zero)
+    var = (centered ** 2).sum(-1, keepdim=True) / count
+    return centered * torch.rsqrt(var + eps)
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
