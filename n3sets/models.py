@@ -163,9 +163,18 @@ class CNNet(nn.Module):
         self.output = nn.Conv1d(C, 1, 1)
 
     def reset_parameters(self):
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
+        # Only top-level layers: a sub-module's own reset_parameters knows its special
+        # initialisations (e.g. the N3 block's zero temperature head), which a recursive
+        # reset of every nn.Conv1d would undo.
+        def reset(module):
+            if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+            else:
+                for child in module.children():
+                    reset(child)
+
+        for child in self.children():
+            reset(child)
 
     def _run_block(self, i: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.blocks[i](x, mask)
