@@ -1,0 +1,117 @@
+"""pipelines/train_corr.py on a tiny synthetic set: outputs, exact resume, export, torchrun/DDP."""
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "pipelines" / "train_corr.py"
+TINY = ["--model", "n3net", "--channels", "8", "--blocks", "2", "--n3-after", "1", "--k", "1",
+        "--embed-channels", "4", "--batch-size", "4", "--max-matches", "40", "--threads", "1", "--no-progress"]
+
+
+def _load_pipeline():
+    spec = importlib.util.spec_from_file_location("train_corr", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return _load_pipeline()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from data_prep.synthetic import write_synthetic_dataset
+
+    d = tmp_path_factory.mktemp("data")
+    kw = {"num_matches": (40, 60), "outlier_ratio": 0.5}
+    train = write_synthetic_dataset(d / "train.h5", 8, seed=0, **kw)
+    val = write_synthetic_dataset(d / "val.h5", 4, seed=1, **kw)
+    return Path(train), Path(val)
+
+
+def _args(data, out, *extra):
+    train, val = data
+    return ["--train", str(train), "--val", str(val), "--out", str(out), *TINY, *extra]
+
+
+def test_training_writes_logs_checkpoints_and_exports(pipeline, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    export = tmp_path / "exported.pt"
+    summary = pipeline.main(_args(tiny_data, out, "--epochs", "2", "--essential-after", "2", "--export", str(export)))
+    for name in ("last.pt", "best.pt", "log.csv", "log.json", "curves.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.tmp"))
+    log = json.loads((out / "log.json").read_text())
+    assert len(log["history"]) == 2 and log["model"] == "n3net"
+    for key in ("mAP5", "mAP10", "mAP20", "f1", "train_loss", "val_cls"):
+        assert 0 <= log["history"][-1][key] < 10, key
+    assert log["history"][-1]["train_ess"] > 0  # the essential loss was switched on after 2 steps
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 4 and "optimizer" in ckpt and "rng" in ckpt
+
+    from n3sets.pretrained import load_model
+
+    model = load_model(export)
+    assert summary["export"] == str(export)
+    assert model.conf["channels"] == 8 and model.meta["epochs"] == summary["best"]["epoch"]
+    assert model.meta["command"].startswith("python pipelines/train_corr.py --train")
+    assert export.stat().st_size < (out / "last.pt").stat().st_size  # no optimizer state in a weight file
+
+
+def test_resume_continues_exactly(pipeline, tiny_data, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pipeline.main(_args(tiny_data, straight, "--epochs", "2"))
+    pipeline.main(_args(tiny_data, resumed, "--epochs", "1"))
+    pipeline.main(_args(tiny_data, resumed, "--epochs", "2", "--resume"))
+    a = torch.load(straight / "last.pt", map_location="cpu", weights_only=False)
+    b = torch.load(resumed / "last.pt", map_location="cpu", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    ha, hb = a["history"], b["history"]
+    assert [h["mAP20"] for h in ha] == [h["mAP20"] for h in hb]
+    assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
+
+
+def test_resume_refuses_a_different_model(pipeline, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    pipeline.main(_args(tiny_data, out, "--epochs", "1"))
+    with pytest.raises(SystemExit, match="same model options"):
+        pipeline.main(_args(tiny_data, out, "--epochs", "2", "--resume", "--channels", "16"))
+
+
+def test_torchrun_two_processes(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
+           *_args(tiny_data, out, "--epochs", "1")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    log = json.loads((out / "log.json").read_text())
+    assert log["world_size"] == 2 and log["command"].startswith("torchrun --nproc_per_node=2")
+    assert log["history"][0]["step"] == 1  # 8 pairs / (2 processes x batch 4)
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    # validation was split over the ranks and gathered: every pair counted once
+    assert ckpt["best"]["num_pairs"] == 4
+
+
+def test_bad_arguments(pipeline, tiny_data, tmp_path):
+    with pytest.raises(SystemExit):
+        pipeline.main(["--train", str(tiny_data[0]), "--out", str(tmp_path)])  # --val missing
+    with pytest.raises(FileNotFoundError, match="nothing.h5"):
+        pipeline.main(["--train", str(tmp_path / "nothing.h5"), "--val", str(tiny_data[1]), "--out", str(tmp_path),
+                       "--threads", "1"])
