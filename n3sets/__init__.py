@@ -16,6 +16,11 @@ _EXPORTS = {
     "CNNet": "n3sets.models",
     "N3Net": "n3sets.models",
     "context_norm": "n3sets.models",
+    "model_inputs": "n3sets.models",
+    "logits_to_weights": "n3sets.essential",
+    "balanced_bce": "n3sets.losses",
+    "essential_loss": "n3sets.losses",
+    "available_models": "n3sets.pretrained",
     # geometry, losses, metrics
     "symmetric_epipolar_distance": "n3sets.geometry",
     "essential_from_pose": "n3sets.geometry",
