@@ -164,6 +164,7 @@ def model_conf_from_args(args) -> dict:
 
 def prepare_default_data(out: Path, rank: int, world: int, seed: int) -> tuple[Path, Path]:
     """Write the synthetic train/val files of the embedded default once (rank 0)."""
+    from data_prep.h5io import read_settings
     from data_prep.synthetic import write_synthetic_dataset
 
     data = out / "data"
@@ -171,10 +172,15 @@ def prepare_default_data(out: Path, rank: int, world: int, seed: int) -> tuple[P
     if rank == 0:
         data.mkdir(parents=True, exist_ok=True)
         kw = {"num_matches": DEFAULT_RUN["num_matches"], "outlier_ratio": DEFAULT_RUN["outlier_ratio"]}
-        if not train.is_file():
-            write_synthetic_dataset(train, DEFAULT_RUN["train_pairs"], seed=seed, **kw)
-        if not val.is_file():
-            write_synthetic_dataset(val, DEFAULT_RUN["val_pairs"], seed=seed + 10_000, **kw)
+        for path, num, s in ((train, DEFAULT_RUN["train_pairs"], seed), (val, DEFAULT_RUN["val_pairs"], seed + 10_000)):
+            wanted = {"seed": s, "num_pairs": num, "num_matches": list(kw["num_matches"]),
+                      "outlier_ratio": kw["outlier_ratio"]}
+            # reuse a file from an earlier run only if it was made with the same settings
+            if path.is_file():
+                have = read_settings(path)
+                if all(have.get(k) == v for k, v in wanted.items()):
+                    continue
+            write_synthetic_dataset(path, num, seed=s, **kw)
     barrier(world)
     return train, val
 
