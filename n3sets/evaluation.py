@@ -75,7 +75,7 @@ def _check_pair(pair: Mapping, index: int) -> None:
     missing = [k for k in PAIR_KEYS if k not in pair]
     if missing:
         raise ValueError(f"pair {index} lacks fields {missing}; expected {PAIR_KEYS}")
-    xs = pair["xs"]
+    xs = torch.as_tensor(pair["xs"])
     if xs.dim() != 2 or xs.shape[-1] != 4:
         raise ValueError(f"pair {index}: xs must have shape (N, 4), got {tuple(xs.shape)}")
 
@@ -171,6 +171,7 @@ def evaluate_correspondences(
     for index, pair in enumerate(iterator):
         _check_pair(pair, index)
         names.append(str(pair.get("name", f"pair_{index}")))
+        pair = {k: torch.as_tensor(v) if k in PAIR_KEYS + ("mutual",) else v for k, v in pair.items()}
         xs = pair["xs"].double()
         x1, x2 = xs[:, :2], xs[:, 2:]
         label = torch.as_tensor(pair["label"]) > 0.5
