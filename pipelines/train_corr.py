@@ -302,8 +302,10 @@ def export_best(args, out: Path, command: str) -> Path:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     model = MODELS[ckpt["model_name"]](ckpt["model_conf"])
     model.load_state_dict(ckpt["model"])
-    hist = ckpt["history"]
     best = ckpt["best"]
+    last_path = out / "last.pt"
+    # totals of the whole run (the best checkpoint only knows the epochs up to itself)
+    hist = torch.load(last_path, map_location="cpu", weights_only=False)["history"] if last_path.is_file() else ckpt["history"]
     meta = {
         "command": ckpt.get("command", command),
         "export_command": command,
@@ -317,7 +319,8 @@ def export_best(args, out: Path, command: str) -> Path:
         "world_size": int(ckpt.get("world_size", 1)),
         "val_mAP5": best["mAP5"], "val_mAP10": best["mAP10"], "val_mAP20": best["mAP20"],
         "val_f1": best["f1"],
-        "train_time_s": float(hist[-1]["train_time_s"]) if hist else 0.0,
+        "train_time_s": float(hist[-1]["train_time_s"]) if hist else 0.0,  # training loops only
+        "wall_time_s": float(sum(h["epoch_time_s"] for h in hist)),
         "train_time_to_best_s": float(ckpt["train_time_s"]),
         "selection": "best validation mAP20 (ties: mAP10, mAP5, lower val BCE)",
         "val_history": [{k: h[k] for k in ("epoch", "mAP5", "mAP10", "mAP20", "f1")} for h in hist],
