@@ -63,7 +63,9 @@ DEFAULT_RUN = {
     "val_pairs": 48,
     "num_matches": (150, 300),
     "outlier_ratio": 0.5,
-    "epochs": 8,
+    "epochs": 12,
+    "batch_size": 8,
+    "essential_after": 120,  # steps: the essential loss is what makes the eight-point pose good
     "model_conf": {"channels": 32, "num_blocks": 4, "n3_after": 2, "k": 3, "embed_channels": 16},
 }
 CSV_FIELDS = ["epoch", "step", "lr", "train_loss", "train_cls", "train_ess", "val_loss", "val_cls", "val_ess",
@@ -78,8 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", choices=sorted(MODELS), default="n3net")
     p.add_argument("--out", type=Path, help="output folder (default runs/train_corr_default without --train)")
     p.add_argument("--side-info", action="store_true", help="add Lowe ratio and mutual flag as input channels")
-    p.add_argument("--epochs", type=int, help="epochs (default 20, or 6 for the synthetic default)")
-    p.add_argument("--batch-size", type=int, default=16, help="pairs per step (per process under torchrun)")
+    p.add_argument("--epochs", type=int, help="epochs (default 20, or 12 for the synthetic default)")
+    p.add_argument("--batch-size", type=int, help="pairs per step (per process under torchrun); default 16 (8 for the synthetic default)")
     p.add_argument("--val-batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -87,8 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="random subset of matches per training pair (0 = all); validation uses all matches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    p.add_argument("--essential-after", type=int, default=-1,
-                   help="step after which the essential-matrix loss is added (-1 = never; Yi et al. 20000)")
+    p.add_argument("--essential-after", type=int,
+                   help="step after which the essential-matrix loss is added (-1 = never; Yi et al. 20000); "
+                        "default -1 (120 for the synthetic default)")
     p.add_argument("--essential-weight", type=float, default=0.1)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads per process (default: cores / processes)")
@@ -110,9 +113,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.train is None:
         args.out = args.out or Path(DEFAULT_RUN["out"])
         args.epochs = args.epochs or DEFAULT_RUN["epochs"]
+        args.batch_size = args.batch_size or DEFAULT_RUN["batch_size"]
+        args.essential_after = DEFAULT_RUN["essential_after"] if args.essential_after is None else args.essential_after
     elif args.out is None:
         p.error("--out is required with --train")
     args.epochs = 20 if args.epochs is None else args.epochs
+    args.batch_size = 16 if args.batch_size is None else args.batch_size
+    args.essential_after = -1 if args.essential_after is None else args.essential_after
     for name in ("batch_size", "val_batch_size", "epochs"):
         if getattr(args, name) < (0 if name == "epochs" else 1):
             p.error(f"--{name.replace('_', '-')} must be positive")
