@@ -314,7 +314,7 @@ def export_best(args, out: Path, command: str) -> Path:
     # totals of the whole run (the best checkpoint only knows the epochs up to itself)
     hist = torch.load(last_path, map_location="cpu", weights_only=False)["history"] if last_path.is_file() else ckpt["history"]
     meta = {
-        "command": ckpt.get("command", command),
+        "command": " && ".join(ckpt.get("commands", [ckpt.get("command", command)])),
         "export_command": command,
         "train_data": ckpt["data"]["train"],
         "val_data": ckpt["data"]["val"],
@@ -378,6 +378,7 @@ def main(argv=None) -> dict:
     criterion = CorrespondenceLoss(essential_weight=args.essential_weight, essential_after=args.essential_after)
 
     start_epoch, step, history, best, best_train_time = 0, 0, [], None, 0.0
+    commands = [command]  # every invocation that trained this run (a resume may change e.g. --essential-after)
     last_path, best_path = out / "last.pt", out / "best.pt"
     if args.resume and last_path.is_file():
         ckpt = torch.load(last_path, map_location="cpu", weights_only=False)  # written by this program
@@ -388,6 +389,9 @@ def main(argv=None) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, step, history, best = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best"]
         best_train_time = ckpt.get("best_train_time_s", 0.0)
+        commands = ckpt.get("commands", [ckpt["command"]])
+        if start_epoch < args.epochs:
+            commands = commands + [command]
         set_rng_state(ckpt["rng"])
         if rank == 0:
             print(f"resumed from {last_path}: epoch {start_epoch}, step {step}")
@@ -404,7 +408,7 @@ def main(argv=None) -> dict:
         print(f"train: {args.train} ({len(train_set)} pairs), val: {args.val} ({len(val_set)} pairs), "
               f"processes: {world}, threads/process: {torch.get_num_threads()}")
 
-    info = {"command": command, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    info = {"command": command, "commands": commands, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "model": args.model, "model_conf": model.conf, "parameters": n_params, "world_size": world}
     data_info = {"train": str(args.train), "val": str(args.val), "train_pairs": len(train_set), "val_pairs": len(val_set)}
     train_time = history[-1]["train_time_s"] if history else 0.0
@@ -456,7 +460,7 @@ def main(argv=None) -> dict:
             ckpt = {"model_name": args.model, "model_conf": model.conf, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step, "history": history,
                     "best": best, "best_train_time_s": best_train_time, "train_time_s": train_time,
-                    "command": command, "data": data_info, "world_size": world, "args": info["args"],
+                    "command": command, "commands": commands, "data": data_info, "world_size": world, "args": info["args"],
                     "rng": rng_state()}
             atomic_torch_save(ckpt, last_path)
             if is_best:

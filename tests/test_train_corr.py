@@ -79,6 +79,7 @@ def test_resume_continues_exactly(pipeline, tiny_data, tmp_path):
     a = torch.load(straight / "last.pt", map_location="cpu", weights_only=False)
     b = torch.load(resumed / "last.pt", map_location="cpu", weights_only=False)
     assert a["step"] == b["step"] == 4
+    assert len(b["commands"]) == 2 and b["commands"][1].endswith("--resume")
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     ha, hb = a["history"], b["history"]
