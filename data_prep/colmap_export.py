@@ -382,6 +382,7 @@ def export_database(
 
             options = pycolmap.TwoViewGeometryOptions()
             options.min_num_inliers = int(min_inliers)
+            options.ransac.random_seed = 0  # COLMAP's default (-1) reseeds randomly: runs would differ
             for i, j, matches, verified, geometry, rec in pair_records:
                 id1, id2 = image_ids[i], image_ids[j]
                 db.write_matches(id1, id2, matches.astype(np.uint32))
@@ -431,13 +432,14 @@ def export_database(
 
 
 def run_mapper(database_path, image_dir, output_dir, fixed_intrinsics: bool = False, seed: int = 0,
-               num_threads: int = 2):
+               num_threads: int = 1):
     """pycolmap's incremental mapper on an exported database; returns the largest reconstruction or None.
 
     Args:
         fixed_intrinsics: keep focal length and distortion fixed in bundle adjustment (use it when
             the database holds calibrated cameras, e.g. ``--K`` from a calibration).
         seed: random seed of the mapper (RANSAC, initial pair trials), for repeatable runs.
+        num_threads: mapper threads (1 keeps runs repeatable; -1 = all cores).
     """
     import pycolmap
 
