@@ -14,6 +14,7 @@ precision / recall / F1 of the trusted matches. The evaluation itself is
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -126,7 +127,8 @@ def main(argv=None) -> dict:
         name = model_name(spec)
         if name in models:
             raise ValueError(f"--weights: two models named {name!r}")
-        weight_files[name] = str(resolve_weights(spec))
+        path = resolve_weights(spec)
+        weight_files[name] = {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
         models[name] = load_model(spec)
 
     dataset = CorrespondenceDataset(data, side_info=False)

@@ -126,7 +126,9 @@ def test_cli_with_saved_model_on_synthetic(synthetic_pairs, tmp_path):
     args = ["--data", data, "--weights", weights, "--json", out_json, "--png", out_png, "--max-pairs", 3]
     cli.main([str(a) for a in args] + ["--quiet"])
     names = list(BASELINES) + ["tiny-cnnet", "tiny-cnnet+ransac"]
-    _check_json(out_json, names, 3)
+    out = _check_json(out_json, names, 3)
+    assert out["weights"]["tiny-cnnet"]["path"] == str(weights)
+    assert len(out["weights"]["tiny-cnnet"]["sha256"]) == 64
     assert out_png.stat().st_size > 1000
 
 
