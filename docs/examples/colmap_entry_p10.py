@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(ROOT / "out" / "colmap_entry_p10"))
     parser.add_argument("--ablation", action="store_true", help="also run ransac-only (no network)")
+    parser.add_argument("--runs", help="comma-separated subset of filtered,unfiltered,ransac-only (overrides --ablation)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     scene_dir = Path(args.data) / "strecha" / args.scene
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
         return 2
     results = compare(scene_dir, args.out, weights=args.weights, num_kp=args.num_kp,
                       num_images=args.images, device=args.device,
-                      runs=("filtered", "unfiltered") + (("ransac-only",) if args.ablation else ()))
+                      runs=tuple(args.runs.split(",")) if args.runs else
+                      ("filtered", "unfiltered") + (("ransac-only",) if args.ablation else ()))
     Path(args.out, "results.json").write_text(json.dumps(results, indent=2))
     print(format_table(results))
     print(f"details: {Path(args.out, 'results.json')}")
