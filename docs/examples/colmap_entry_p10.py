@@ -50,6 +50,9 @@ class KeepAll(torch.nn.Module):
 def compare(scene_dir, out_dir, weights="n3net-strecha", num_kp=2000, num_images=None, device="cpu",
             runs=("filtered", "unfiltered"), seed=0) -> dict:
     """Export, map and evaluate entry-P10 (or any Strecha-layout scene); returns the results dict."""
+    unknown = set(runs) - {"filtered", "unfiltered", "ransac-only"}
+    if unknown:
+        raise ValueError(f"unknown runs {sorted(unknown)}; choose from filtered, unfiltered, ransac-only")
     scene = read_strecha_scene(scene_dir)
     names = scene.image_names[: num_images or len(scene)]
     R_gt = {n: scene.R[i] for i, n in enumerate(scene.image_names) if n in names}
