@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
                    help="baselines to run (default: all)")
     p.add_argument("--no-model-ransac", action="store_true", help="skip <model>+ransac")
+    p.add_argument("--reuse-baselines", metavar="JSON",
+                   help="take the baselines from an earlier --json of the same data and settings "
+                        "instead of running them again (they do not depend on the weights)")
     p.add_argument("--max-pairs", type=int, default=None, help="evaluate only the first N pairs")
     p.add_argument("--seed", type=int, default=0, help="OpenCV RNG seed (default 0)")
     p.add_argument("--max-iters", type=int, default=DEFAULT_MAX_ITERS,
@@ -83,6 +86,37 @@ def format_table(methods: dict, columns=TABLE_COLUMNS) -> str:
         ]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def load_baselines(path, data: Path, args, num_pairs: int) -> dict:
+    """Baseline results of an earlier run, checked to match this run's data and settings."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--reuse-baselines: no such file {path}")
+    old = json.loads(path.read_text())
+    expected = {
+        "num_pairs": num_pairs,
+        "ratio_threshold": args.ratio,
+        "thresholds": {"ransac": args.threshold, "magsac": args.magsac_threshold},
+        "seed": args.seed,
+        "max_iters": args.max_iters,
+    }
+    for key, value in expected.items():
+        if old.get(key) != value:
+            raise ValueError(f"--reuse-baselines {path}: {key} is {old.get(key)!r}, this run uses {value!r}")
+    if Path(old.get("data", "")).resolve() != data.resolve():
+        raise ValueError(f"--reuse-baselines {path}: made from {old.get('data')}, not {data}")
+    names = [n for n in BASELINES if n in old["methods"]]
+    if not names:
+        raise ValueError(f"--reuse-baselines {path}: no baseline results in it")
+    per_pair = sum(old["methods"][n]["seconds_per_pair"] for n in names)
+    return {
+        "methods": {n: old["methods"][n] for n in names},
+        "errors": {n: old["errors"][n] for n in names},
+        "curves": {"thresholds": old["curves"]["thresholds"], **{n: old["curves"][n] for n in names}},
+        "pair_names": old["pair_names"],
+        "seconds": per_pair * num_pairs,
+    }
 
 
 def plot_curves(result: dict, path: Path, title: str) -> None:
@@ -144,6 +178,11 @@ def main(argv=None) -> dict:
         except ImportError:
             pass
 
+    reused = None
+    if args.reuse_baselines:
+        reused = load_baselines(args.reuse_baselines, data, args, len(dataset))
+        args.baselines = []
+
     start = time.perf_counter()
     result = evaluate_correspondences(
         (dataset[i] for i in range(len(dataset))),
@@ -157,6 +196,12 @@ def main(argv=None) -> dict:
         progress=progress,
     )
     elapsed = time.perf_counter() - start
+    if reused is not None:
+        if reused["pair_names"] != result["pair_names"]:
+            raise ValueError(f"--reuse-baselines {args.reuse_baselines}: pairs differ from {data}")
+        for key in ("methods", "errors", "curves"):
+            result[key] = {**reused[key], **result[key]}
+        elapsed += reused["seconds"]
 
     settings = result.pop("settings")
     out = {
@@ -166,6 +211,7 @@ def main(argv=None) -> dict:
         "weights": weight_files,
         **settings,
         "seconds": elapsed,
+        "baselines_from": args.reuse_baselines,
         "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
         "torch_threads": torch.get_num_threads(),
         "pair_names": result["pair_names"],

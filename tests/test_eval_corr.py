@@ -129,6 +129,16 @@ def test_cli_with_saved_model_on_synthetic(synthetic_pairs, tmp_path):
     out = _check_json(out_json, names, 3)
     assert out["weights"]["tiny-cnnet"]["path"] == str(weights)
     assert len(out["weights"]["tiny-cnnet"]["sha256"]) == 64
+    # Baselines reused from that file: same numbers, models evaluated again.
+    again = tmp_path / "again.json"
+    cli.main([str(a) for a in args[:4]] + ["--json", str(again), "--max-pairs", "3", "--quiet",
+                                          "--reuse-baselines", str(out_json)])
+    out2 = _check_json(again, names, 3)
+    assert out2["methods"]["ransac"] == out["methods"]["ransac"]
+    assert out2["methods"]["tiny-cnnet"]["mAP20"] == out["methods"]["tiny-cnnet"]["mAP20"]
+    with pytest.raises(ValueError, match="thresholds"):
+        cli.main(["--data", str(data), "--max-pairs", "3", "--threshold", "2e-3", "--quiet",
+                  "--reuse-baselines", str(out_json)])
     assert out_png.stat().st_size > 1000
 
 
