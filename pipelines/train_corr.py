@@ -387,6 +387,12 @@ def main(argv=None) -> dict:
                              f"not {args.model} {model.conf}; use the same model options")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        # the optimizer state carries the old learning rate; --lr on a resume sets a new one
+        # (e.g. a lower rate once the essential loss is on); with the same --lr nothing changes
+        for group in optimizer.param_groups:
+            if group["lr"] != args.lr and rank == 0:
+                print(f"--resume: learning rate {group['lr']:g} -> {args.lr:g}")
+            group["lr"] = args.lr
         start_epoch, step, history, best = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best"]
         best_train_time = ckpt.get("best_train_time_s", 0.0)
         commands = ckpt.get("commands", [ckpt["command"]])
