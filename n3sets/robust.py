@@ -72,7 +72,7 @@ def estimate_essential(
         threshold: inlier threshold in normalized units; ``None`` takes
             :data:`DEFAULT_THRESHOLDS` for the method.
         confidence: RANSAC confidence.
-        seed: seeds OpenCV's global RNG (``cv2.setRNGSeed``) so repeated runs agree.
+        seed: seed of the random sampling; the same seed gives the same result.
         max_iters: iteration cap (see :data:`DEFAULT_MAX_ITERS`; OpenCV's default is 1000).
 
     Returns:
@@ -97,9 +97,16 @@ def estimate_essential(
 
     import cv2  # lazy: only the robust baselines need OpenCV
 
-    cv2.setRNGSeed(int(seed))
     flag = cv2.RANSAC if method == "ransac" else cv2.USAC_MAGSAC
-    q1, q2 = p1[finite], p2[finite]
+    # OpenCV 5's findEssentialMat draws its samples from an internal generator with a fixed
+    # state (cv2.setRNGSeed has no effect on it, checked with 5.0), so it is deterministic but
+    # cannot be reseeded. Shuffling the matches with the seed changes which matches the samples
+    # pick, which is what a seed should do; the inlier mask is un-shuffled below.
+    # setRNGSeed is kept for OpenCV builds whose RANSAC does use the global generator.
+    cv2.setRNGSeed(int(seed))
+    order = np.flatnonzero(finite)
+    order = order[np.random.default_rng(int(seed)).permutation(len(order))]
+    q1, q2 = np.ascontiguousarray(p1[order]), np.ascontiguousarray(p2[order])
     K = np.eye(3)
     try:
         E, mask = cv2.findEssentialMat(
@@ -126,7 +133,7 @@ def estimate_essential(
         return _failure(n)
     _, Ei, R, t = best
     inliers = np.zeros(n, dtype=bool)
-    inliers[np.flatnonzero(finite)] = mask
+    inliers[order] = mask
     t = t.reshape(3)
     return {
         "E": torch.from_numpy(Ei.copy()),
