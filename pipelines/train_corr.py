@@ -444,7 +444,8 @@ def main(argv=None) -> dict:
             sums["ess"] += parts["ess"]
             sums["n"] += 1
             if progress:
-                it.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}", ess="on" if criterion.essential_active(step) else "off")
+                it.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}", ess="on" if criterion.essential_active(step) else "off",
+                                refresh=False)
         train_time += time.time() - t0
         if world > 1:  # average the logged training losses over processes
             t = torch.tensor([sums["loss"], sums["cls"], sums["ess"], sums["n"]], dtype=torch.float64)
