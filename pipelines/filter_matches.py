@@ -50,8 +50,13 @@ def rotation_to_euler_deg(R: np.ndarray) -> tuple[float, float, float]:
 
 
 def rotation_angle_deg(R: np.ndarray) -> float:
-    """Angle of the rotation R in degrees."""
-    return math.degrees(math.acos(float(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))))
+    """Angle of the rotation R in degrees (its geodesic distance to the identity)."""
+    import torch
+
+    from n3sets.pose import angle_between_rotations
+
+    R = torch.as_tensor(np.asarray(R, dtype=np.float64))
+    return float(angle_between_rotations(R, torch.eye(3, dtype=R.dtype)))
 
 
 def _intrinsics(args, which: int, path: Path, width: int, height: int) -> tuple[np.ndarray, str]:
