@@ -84,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="pairs per step (per process under torchrun); default 16 (8 for the synthetic default)")
     p.add_argument("--val-batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-decay-epochs", type=int, nargs="+", default=[], metavar="EPOCH",
+                   help="step schedule: multiply --lr by --lr-decay from each of these (1-based, absolute) epochs on; "
+                        "absolute epochs, so a --resume continues the same schedule")
+    p.add_argument("--lr-decay", type=float, default=0.3, help="factor per --lr-decay-epochs milestone")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-matches", type=int, default=1000,
                    help="random subset of matches per training pair (0 = all); validation uses all matches")
@@ -123,6 +127,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("batch_size", "val_batch_size", "epochs"):
         if getattr(args, name) < (0 if name == "epochs" else 1):
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if any(m < 1 for m in args.lr_decay_epochs):
+        p.error(f"--lr-decay-epochs takes 1-based epochs, got {args.lr_decay_epochs}")
+    if not 0 < args.lr_decay <= 1:
+        p.error(f"--lr-decay must be in (0, 1], got {args.lr_decay}")
     return args
 
 
@@ -340,6 +348,11 @@ def export_best(args, out: Path, command: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
+def scheduled_lr(args, epoch):
+    """Learning rate of 1-based ``epoch``: --lr times --lr-decay per milestone in --lr-decay-epochs reached."""
+    return args.lr * args.lr_decay ** sum(1 for m in args.lr_decay_epochs if epoch >= m)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, world = dist_setup(args.threads)
@@ -389,10 +402,11 @@ def main(argv=None) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         # the optimizer state carries the old learning rate; --lr on a resume sets a new one
         # (e.g. a lower rate once the essential loss is on); with the same --lr nothing changes
+        new_lr = scheduled_lr(args, ckpt["epoch"] + 1)
         for group in optimizer.param_groups:
-            if group["lr"] != args.lr and rank == 0:
-                print(f"--resume: learning rate {group['lr']:g} -> {args.lr:g}")
-            group["lr"] = args.lr
+            if group["lr"] != new_lr and rank == 0:
+                print(f"--resume: learning rate {group['lr']:g} -> {new_lr:g}")
+            group["lr"] = new_lr
         start_epoch, step, history, best = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best"]
         best_train_time = ckpt.get("best_train_time_s", 0.0)
         commands = ckpt.get("commands", [ckpt["command"]])
@@ -421,6 +435,8 @@ def main(argv=None) -> dict:
 
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
+        for group in optimizer.param_groups:
+            group["lr"] = scheduled_lr(args, epoch + 1)
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         net.train()

@@ -116,3 +116,14 @@ def test_bad_arguments(pipeline, tiny_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.h5"):
         pipeline.main(["--train", str(tmp_path / "nothing.h5"), "--val", str(tiny_data[1]), "--out", str(tmp_path),
                        "--threads", "1"])
+
+
+def test_lr_step_schedule_is_logged_and_survives_resume(pipeline, tiny_data, tmp_path):
+    out = tmp_path / "sched"
+    sched = ["--lr", "1e-3", "--lr-decay-epochs", "2", "3", "--lr-decay", "0.5"]
+    pipeline.main(_args(tiny_data, out, "--epochs", "2", *sched))
+    pipeline.main(_args(tiny_data, out, "--epochs", "3", "--resume", *sched))
+    lrs = [h["lr"] for h in json.loads((out / "log.json").read_text())["history"]]
+    assert lrs == pytest.approx([1e-3, 5e-4, 2.5e-4])
+    with pytest.raises(SystemExit):
+        pipeline.main(_args(tiny_data, tmp_path / "bad", "--epochs", "1", "--lr-decay-epochs", "0"))
