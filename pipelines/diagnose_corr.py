@@ -1,0 +1,118 @@
+"""Where does the weighted eight-point pose of a correspondence model lose accuracy?
+
+    python pipelines/diagnose_corr.py --data data_out/strecha_val.h5 --weights n3net-strecha cnnet-strecha-coords \
+        --json results/diagnose_val.json
+
+For every pair it estimates E with the weighted eight-point algorithm (no RANSAC) from several
+weightings, recovers the pose by the cheirality test and reports mAP5/10/20 (errors as in
+``eval_corr.py``; a failed pair counts as 180 degrees):
+
+- ``labels``: the ground-truth labels as 0/1 weights. The ceiling of any classifier with this
+  estimator and these labels.
+- ``<model>``: the model's weights relu(tanh(logit)), exactly as ``eval_corr.py`` uses them.
+- ``<model>|inliers``: the model's weights with every ground-truth outlier set to 0. The gap
+  to ``<model>`` is what the weight the model leaves on outliers costs.
+- ``<model>|binary``: the model's inlier mask (logit > 0) as 0/1 weights: what the graded weights
+  add over the hard decision.
+
+Plus, per model, the share of the total weight that falls on ground-truth outliers (median and
+mean over pairs). This is a diagnostic for the validation split: do not use it to choose settings
+on a test scene.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from data_prep.corr_dataset import CorrespondenceDataset  # noqa: E402
+from n3sets.essential import logits_to_weights, weighted_eight_point  # noqa: E402
+from n3sets.evaluation import MIN_EIGHT_POINT_INLIERS, _model_logits  # noqa: E402
+from n3sets.metrics import mean_average_precision  # noqa: E402
+from n3sets.pose import FAILED_POSE_ERROR, pose_error, recover_pose  # noqa: E402
+from n3sets.pretrained import load_model  # noqa: E402
+
+
+def eight_point_error(x1, x2, weights, mask, R_gt, t_gt) -> float:
+    """Pose error (degrees) of the weighted eight-point E; 180 when fewer than 8 matches count."""
+    if int((weights > 0).sum()) < MIN_EIGHT_POINT_INLIERS or int(mask.sum()) < MIN_EIGHT_POINT_INLIERS:
+        return FAILED_POSE_ERROR
+    E = weighted_eight_point(x1[None], x2[None], weights[None])
+    R, t, ok = recover_pose(E, x1[None], x2[None], mask=mask[None])
+    if not bool(ok[0]):
+        return FAILED_POSE_ERROR
+    return float(pose_error(R[0], t[0], R_gt, t_gt))
+
+
+def diagnose(dataset, models: dict, max_pairs: int | None = None) -> dict:
+    errors: dict[str, list[float]] = {"labels": []}
+    shares: dict[str, list[float]] = {name: [] for name in models}
+    for name in models:
+        for suffix in ("", "|inliers", "|binary"):
+            errors[name + suffix] = []
+    n = len(dataset) if max_pairs is None else min(max_pairs, len(dataset))
+    for i in range(n):
+        pair = dataset[i]
+        xs = torch.as_tensor(pair["xs"]).double()
+        x1, x2 = xs[:, :2], xs[:, 2:4]
+        label = torch.as_tensor(pair["label"]).bool()
+        R_gt, t_gt = torch.as_tensor(pair["R"]).double(), torch.as_tensor(pair["t"]).double().reshape(3)
+        errors["labels"].append(eight_point_error(x1, x2, label.double(), label, R_gt, t_gt))
+        for name, model in models.items():
+            logits = _model_logits(model, pair).double()
+            w, pred = logits_to_weights(logits), logits > 0
+            errors[name].append(eight_point_error(x1, x2, w, pred, R_gt, t_gt))
+            errors[name + "|inliers"].append(eight_point_error(x1, x2, w * label, pred & label, R_gt, t_gt))
+            errors[name + "|binary"].append(eight_point_error(x1, x2, pred.double(), pred, R_gt, t_gt))
+            total = float(w.sum())
+            shares[name].append(float(w[~label].sum()) / total if total > 0 else float("nan"))
+    methods = {}
+    for name, errs in errors.items():
+        e = torch.tensor(errs)
+        methods[name] = {k: float(v) for k, v in mean_average_precision(e, (5, 10, 20)).items()}
+        methods[name]["median_error_deg"] = float(e.median())
+    for name, s in shares.items():
+        s = torch.tensor(s)
+        methods[name]["outlier_weight_share_median"] = float(s.nanmedian())
+        methods[name]["outlier_weight_share_mean"] = float(s.nanmean())
+    return {"methods": methods, "num_pairs": n}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="h5 dataset (data_prep schema)")
+    p.add_argument("--weights", nargs="+", required=True, help="shipped model names or weight-file paths")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--max-pairs", type=int, help="only the first N pairs")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    models = {}
+    for w in args.weights:
+        model = load_model(w).eval()
+        models[Path(w).stem if w.endswith(".pt") else w] = model
+    # the pair dicts carry ratio/mutual: each model builds its own inputs (as in eval_corr.py)
+    results = {"data": str(args.data), "weights": args.weights,
+               "command": "python pipelines/diagnose_corr.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+               **diagnose(CorrespondenceDataset(args.data), models, args.max_pairs)}
+    print(f"{'weighting':38s} {'mAP5':>6s} {'mAP10':>6s} {'mAP20':>6s} {'median':>7s} {'outlier weight':>14s}")
+    for name, m in results["methods"].items():
+        share = m.get("outlier_weight_share_median")
+        print(f"{name:38s} {m['mAP5']:6.3f} {m['mAP10']:6.3f} {m['mAP20']:6.3f} {m['median_error_deg']:7.2f} "
+              f"{'' if share is None else f'{share:14.3f}'}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
