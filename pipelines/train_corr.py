@@ -89,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "absolute epochs, so a --resume continues the same schedule")
     p.add_argument("--lr-decay", type=float, default=0.3, help="factor per --lr-decay-epochs milestone")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip-grad-norm", type=float, default=0.0,
+                   help="clip the total gradient norm to this (0: off); the essential loss gives rare large gradients")
     p.add_argument("--max-matches", type=int, default=1000,
                    help="random subset of matches per training pair (0 = all); validation uses all matches")
     p.add_argument("--seed", type=int, default=0)
@@ -129,6 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if any(m < 1 for m in args.lr_decay_epochs):
         p.error(f"--lr-decay-epochs takes 1-based epochs, got {args.lr_decay_epochs}")
+    if args.clip_grad_norm < 0:
+        p.error(f"--clip-grad-norm must be >= 0, got {args.clip_grad_norm}")
     if not 0 < args.lr_decay <= 1:
         p.error(f"--lr-decay must be in (0, 1], got {args.lr_decay}")
     return args
@@ -453,6 +457,8 @@ def main(argv=None) -> dict:
             loss, parts = criterion(logits, label, mask, x1, x2, E_gt, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if args.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
             optimizer.step()
             step += 1
             sums["loss"] += float(loss.detach())

@@ -127,3 +127,21 @@ def test_lr_step_schedule_is_logged_and_survives_resume(pipeline, tiny_data, tmp
     assert lrs == pytest.approx([1e-3, 5e-4, 2.5e-4])
     with pytest.raises(SystemExit):
         pipeline.main(_args(tiny_data, tmp_path / "bad", "--epochs", "1", "--lr-decay-epochs", "0"))
+
+
+def test_clip_grad_norm_is_applied_every_step(pipeline, tiny_data, tmp_path, monkeypatch):
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **kw):
+        params = list(params)
+        norm = real(params, max_norm, *a, **kw)
+        after = torch.sqrt(sum((p.grad ** 2).sum() for p in params if p.grad is not None))
+        calls.append((max_norm, float(after)))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    pipeline.main(_args(tiny_data, tmp_path / "clip", "--epochs", "1", "--clip-grad-norm", "1e-3"))
+    assert len(calls) == 2 and all(m == 1e-3 and after <= 1e-3 * 1.01 for m, after in calls)
+    with pytest.raises(SystemExit):
+        pipeline.main(_args(tiny_data, tmp_path / "bad", "--epochs", "1", "--clip-grad-norm", "-1"))
