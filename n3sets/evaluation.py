@@ -31,7 +31,8 @@ from .models import model_inputs
 from .pose import FAILED_POSE_ERROR, pose_error, recover_pose
 from .robust import DEFAULT_MAX_ITERS, DEFAULT_THRESHOLDS, estimate_essential
 
-__all__ = ["evaluate_correspondences", "BASELINES", "MIN_EIGHT_POINT_INLIERS", "PAIR_KEYS"]
+__all__ = ["evaluate_correspondences", "eight_point_pose", "model_logits", "BASELINES", "MIN_EIGHT_POINT_INLIERS",
+           "PAIR_KEYS"]
 
 #: Baselines that need no model, in table order.
 BASELINES = ("ransac", "magsac", "ratio+ransac", "ratio+magsac")
@@ -96,7 +97,8 @@ def _cls(pred, label) -> dict:
 
 
 @torch.no_grad()
-def _model_logits(model: torch.nn.Module, pair: Mapping) -> torch.Tensor:
+def model_logits(model: torch.nn.Module, pair: Mapping) -> torch.Tensor:
+    """Logits ``(N,)`` of ``model`` on one pair dict; side-information models get ratio/mutual."""
     side_info = bool(getattr(model, "conf", {}).get("side_info", False))
     xs = pair["xs"].float()[None]
     ratio = pair.get("ratio")
@@ -108,6 +110,17 @@ def _model_logits(model: torch.nn.Module, pair: Mapping) -> torch.Tensor:
         side_info=side_info,
     )
     return model(x)[0]
+
+
+def eight_point_pose(x1: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor):
+    """Pose of one pair from the weighted eight-point E, cheirality over ``mask``.
+
+    Returns ``(R (3, 3), t (3,), ok)``; ``ok`` is False when the cheirality test fails or fewer
+    than :data:`MIN_EIGHT_POINT_INLIERS` matches are in ``mask``.
+    """
+    E = weighted_eight_point(x1[None], x2[None], weights[None])
+    R, t, ok = recover_pose(E, x1[None], x2[None], mask=mask[None])
+    return R[0], t[0], bool(ok[0]) and int(mask.sum()) >= MIN_EIGHT_POINT_INLIERS
 
 
 def evaluate_correspondences(
@@ -196,16 +209,13 @@ def evaluate_correspondences(
 
         for name, model in models.items():
             start = time.perf_counter()
-            logits = _model_logits(model, pair).double()
+            logits = model_logits(model, pair).double()
             pred = logits > 0
-            weights = logits_to_weights(logits)
-            E = weighted_eight_point(x1[None], x2[None], weights[None])
-            R, t, ok = recover_pose(E, x1[None], x2[None], mask=pred[None])
-            ok = bool(ok[0]) and int(pred.sum()) >= MIN_EIGHT_POINT_INLIERS
+            R, t, ok = eight_point_pose(x1, x2, logits_to_weights(logits), pred)
             seconds_model = time.perf_counter() - start
             results[name].seconds += seconds_model
             pred_stats = _cls(pred, label)
-            results[name].add(err(R[0], t[0]), ok, pred_stats)
+            results[name].add(err(R, t), ok, pred_stats)
             if model_refine:
                 start = time.perf_counter()
                 out, inliers = _robust(x1, x2, pred, "ransac", thr["ransac"], seed, max_iters)

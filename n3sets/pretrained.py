@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_model", "load_model", "resolve_weights", "available_models", "WEIGHTS_DIR", "MODEL_CLASSES"]
+__all__ = ["save_model", "load_model", "resolve_weights", "weights_name", "available_models", "WEIGHTS_DIR",
+           "MODEL_CLASSES"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FORMAT = "n3sets-model"
@@ -37,6 +38,11 @@ def available_models() -> list[str]:
     if not WEIGHTS_DIR.is_dir():
         return []
     return sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
+
+
+def weights_name(name_or_path: str) -> str:
+    """Display name of a weights argument: the shipped name, or the file stem of a path."""
+    return Path(name_or_path).stem if name_or_path.endswith(".pt") or os.sep in name_or_path else name_or_path
 
 
 def resolve_weights(name_or_path) -> Path:

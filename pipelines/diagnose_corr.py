@@ -34,22 +34,17 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from data_prep.corr_dataset import CorrespondenceDataset  # noqa: E402
-from n3sets.essential import logits_to_weights, weighted_eight_point  # noqa: E402
-from n3sets.evaluation import MIN_EIGHT_POINT_INLIERS, _model_logits  # noqa: E402
+from n3sets.essential import logits_to_weights  # noqa: E402
+from n3sets.evaluation import eight_point_pose, model_logits  # noqa: E402
 from n3sets.metrics import mean_average_precision  # noqa: E402
-from n3sets.pose import FAILED_POSE_ERROR, pose_error, recover_pose  # noqa: E402
-from n3sets.pretrained import load_model  # noqa: E402
+from n3sets.pose import FAILED_POSE_ERROR, pose_error  # noqa: E402
+from n3sets.pretrained import load_model, weights_name  # noqa: E402
 
 
 def eight_point_error(x1, x2, weights, mask, R_gt, t_gt) -> float:
-    """Pose error (degrees) of the weighted eight-point E; 180 when fewer than 8 matches count."""
-    if int((weights > 0).sum()) < MIN_EIGHT_POINT_INLIERS or int(mask.sum()) < MIN_EIGHT_POINT_INLIERS:
-        return FAILED_POSE_ERROR
-    E = weighted_eight_point(x1[None], x2[None], weights[None])
-    R, t, ok = recover_pose(E, x1[None], x2[None], mask=mask[None])
-    if not bool(ok[0]):
-        return FAILED_POSE_ERROR
-    return float(pose_error(R[0], t[0], R_gt, t_gt))
+    """Pose error (degrees) of the weighted eight-point E as eval_corr.py computes it; 180 on failure."""
+    R, t, ok = eight_point_pose(x1, x2, weights, mask)
+    return float(pose_error(R, t, R_gt, t_gt)) if ok else FAILED_POSE_ERROR
 
 
 def diagnose(dataset, models: dict, max_pairs: int | None = None) -> dict:
@@ -67,7 +62,7 @@ def diagnose(dataset, models: dict, max_pairs: int | None = None) -> dict:
         R_gt, t_gt = torch.as_tensor(pair["R"]).double(), torch.as_tensor(pair["t"]).double().reshape(3)
         errors["labels"].append(eight_point_error(x1, x2, label.double(), label, R_gt, t_gt))
         for name, model in models.items():
-            logits = _model_logits(model, pair).double()
+            logits = model_logits(model, pair).double()
             w, pred = logits_to_weights(logits), logits > 0
             errors[name].append(eight_point_error(x1, x2, w, pred, R_gt, t_gt))
             errors[name + "|inliers"].append(eight_point_error(x1, x2, w * label, pred & label, R_gt, t_gt))
@@ -95,10 +90,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    models = {}
-    for w in args.weights:
-        model = load_model(w).eval()
-        models[Path(w).stem if w.endswith(".pt") else w] = model
+    models = {weights_name(w): load_model(w).eval() for w in args.weights}
     # the pair dicts carry ratio/mutual: each model builds its own inputs (as in eval_corr.py)
     results = {"data": str(args.data), "weights": args.weights,
                "command": "python pipelines/diagnose_corr.py " + shlex.join(argv if argv is not None else sys.argv[1:]),

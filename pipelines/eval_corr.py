@@ -32,11 +32,6 @@ TABLE_COLUMNS = ("mAP5", "mAP10", "mAP20", "precision", "recall", "f1", "failure
 HEADERS = {"seconds_per_pair": "s/pair"}
 
 
-def model_name(name_or_path: str) -> str:
-    """Method name of a model: the shipped name, or the file stem of a path."""
-    return Path(name_or_path).stem if name_or_path.endswith(".pt") or os.sep in name_or_path else name_or_path
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="correspondence h5 file (data_prep schema)")
@@ -149,7 +144,7 @@ def main(argv=None) -> dict:
     import torch
 
     from data_prep.corr_dataset import CorrespondenceDataset
-    from n3sets.pretrained import load_model, resolve_weights
+    from n3sets.pretrained import load_model, resolve_weights, weights_name
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,7 +153,7 @@ def main(argv=None) -> dict:
         raise FileNotFoundError(f"--data: no such file {data}")
     models, weight_files = {}, {}
     for spec in args.weights:
-        name = model_name(spec)
+        name = weights_name(spec)
         if name in models:
             raise ValueError(f"--weights: two models named {name!r}")
         path = resolve_weights(spec)

@@ -404,13 +404,11 @@ def main(argv=None) -> dict:
                              f"not {args.model} {model.conf}; use the same model options")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        # the optimizer state carries the old learning rate; --lr on a resume sets a new one
-        # (e.g. a lower rate once the essential loss is on); with the same --lr nothing changes
-        new_lr = scheduled_lr(args, ckpt["epoch"] + 1)
-        for group in optimizer.param_groups:
-            if group["lr"] != new_lr and rank == 0:
-                print(f"--resume: learning rate {group['lr']:g} -> {new_lr:g}")
-            group["lr"] = new_lr
+        # the optimizer state carries the old learning rate; each epoch sets the scheduled one
+        # from --lr and --lr-decay-epochs, so a resume may change it (e.g. once the essential loss is on)
+        old_lr, new_lr = optimizer.param_groups[0]["lr"], scheduled_lr(args, ckpt["epoch"] + 1)
+        if old_lr != new_lr and rank == 0:
+            print(f"--resume: learning rate {old_lr:g} -> {new_lr:g}")
         start_epoch, step, history, best = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best"]
         best_train_time = ckpt.get("best_train_time_s", 0.0)
         commands = ckpt.get("commands", [ckpt["command"]])
