@@ -16,7 +16,58 @@ from torch.utils.data import Dataset
 
 from .h5io import pair_keys, read_pair
 
-__all__ = ["CorrespondenceDataset", "collate_sets"]
+__all__ = ["CorrespondenceDataset", "collate_sets", "random_rotation", "augment_pair"]
+
+
+def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    """A rotation about a uniformly random axis by an angle uniform in ``[0, max_deg]`` degrees."""
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis) + 1e-12
+    angle = np.deg2rad(rng.uniform(0.0, max_deg))
+    K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * K + (1 - np.cos(angle)) * K @ K
+
+
+def _rotate_points(Q: np.ndarray, x: np.ndarray) -> np.ndarray | None:
+    """Normalized points ``(N, 2)`` seen by the camera rotated by ``Q``; None if any leaves the front."""
+    h = np.concatenate([x, np.ones((len(x), 1))], 1) @ Q.T
+    if len(h) and h[:, 2].min() < 0.1:  # more than ~84 deg off the axis (or behind): skip this draw
+        return None
+    return h[:, :2] / h[:, 2:]
+
+
+def augment_pair(rec: dict, rng: np.random.Generator, swap: float = 0.0, rotation_deg: float = 0.0) -> dict:
+    """Geometrically exact augmentation of one pair record (``read_pair`` fields), returned as a copy.
+
+    * **swap** (probability): exchange the two views -- ``xs`` halves, keypoints and intrinsics
+      swap and ``(R, t) -> (R^T, -R^T t)``. Labels, ratio and mutual flag stay (the ratio keeps
+      its first-image direction).
+    * **rotation_deg**: rotate each camera about its centre by its own random rotation ``Q1``,
+      ``Q2`` of up to this angle: a normalized point ``x`` becomes ``Q x`` (dehomogenized) and
+      the relative pose ``(Q2 R Q1^T, Q2 t)``, so the ground-truth E, the labels (the same physical
+      matches) and the scene stay consistent. Pixel keypoints are reprojected with the unchanged
+      intrinsics; ``epi_dist`` keeps the value of the original views. A draw that would put a
+      point within ~6 deg of the image plane is skipped (that view keeps its orientation).
+    """
+    rec = dict(rec)
+    xs = np.asarray(rec["xs"], dtype=np.float64)
+    x1, x2 = xs[:, :2], xs[:, 2:]
+    R, t = np.asarray(rec["R"], np.float64), np.asarray(rec["t"], np.float64).reshape(3)
+    k1, k2, K1, K2 = rec["kpts1"], rec["kpts2"], rec["K1"], rec["K2"]
+    if swap > 0 and rng.random() < swap:
+        x1, x2, k1, k2, K1, K2 = x2, x1, k2, k1, K2, K1
+        R, t = R.T, -R.T @ t
+    if rotation_deg > 0:
+        Q1, Q2 = random_rotation(rng, rotation_deg), random_rotation(rng, rotation_deg)
+        y1, y2 = _rotate_points(Q1, x1), _rotate_points(Q2, x2)
+        if y1 is not None:
+            x1, R = y1, R @ Q1.T
+            k1 = (np.concatenate([y1, np.ones((len(y1), 1))], 1) @ np.asarray(K1, np.float64).T)[:, :2]
+        if y2 is not None:
+            x2, R, t = y2, Q2 @ R, Q2 @ t
+            k2 = (np.concatenate([y2, np.ones((len(y2), 1))], 1) @ np.asarray(K2, np.float64).T)[:, :2]
+    rec.update(xs=np.concatenate([x1, x2], 1), R=R, t=t, kpts1=k1, kpts2=k2, K1=K1, K2=K2)
+    return rec
 
 
 class CorrespondenceDataset(Dataset):
@@ -30,9 +81,13 @@ class CorrespondenceDataset(Dataset):
             (training); ``None`` keeps every match.
         pairs: optional subset of pairs, as group names (``"pair_000012"``), pair names
             (``"scene/img1-img2"``) or integer positions.
-        seed: seed of the subsampling. With a seed the subset of item ``i`` depends on
-            ``(seed, i, epoch)`` only (see :meth:`set_epoch`), so it is reproducible across runs
-            and DataLoader workers; with ``None`` it uses torch's global generator.
+        seed: seed of the subsampling and augmentation. With a seed the subset (and the
+            augmentation) of item ``i`` depends on ``(seed, i, epoch)`` only (see
+            :meth:`set_epoch`), so it is reproducible across runs and DataLoader workers; with
+            ``None`` it uses torch's global generator.
+        augment_swap: probability of exchanging the two views (training; see :func:`augment_pair`).
+        augment_rotation: max angle in degrees of a random rotation of each camera about its
+            centre (training; see :func:`augment_pair`). 0 = off.
 
     An item is a dict: ``x`` ``(C_in, N)`` float32 ``[x1, y1, x2, y2(, ratio, mutual)]``,
     ``xs`` ``(N, 4)``, ``label`` ``(N,)`` float32, ``epi_dist`` ``(N,)``, ``ratio``, ``mutual``
@@ -40,12 +95,19 @@ class CorrespondenceDataset(Dataset):
     ``kpts2`` ``(N, 2)`` (float32 tensors) and ``name`` (str).
     """
 
-    def __init__(self, h5_path, side_info: bool = False, max_matches: int | None = None, pairs=None, seed: int | None = None):
+    def __init__(self, h5_path, side_info: bool = False, max_matches: int | None = None, pairs=None, seed: int | None = None,
+                 augment_swap: float = 0.0, augment_rotation: float = 0.0):
         self.h5_path = Path(h5_path)
         if not self.h5_path.is_file():
             raise FileNotFoundError(f"correspondence dataset not found: {self.h5_path}")
         if max_matches is not None and max_matches < 1:
             raise ValueError(f"max_matches must be >= 1 or None, got {max_matches}")
+        if not 0.0 <= augment_swap <= 1.0:
+            raise ValueError(f"augment_swap is a probability in [0, 1], got {augment_swap}")
+        if not 0.0 <= augment_rotation <= 60.0:
+            raise ValueError(f"augment_rotation must be in [0, 60] degrees, got {augment_rotation}")
+        self.augment_swap = float(augment_swap)
+        self.augment_rotation = float(augment_rotation)
         self.side_info = bool(side_info)
         self.max_matches = max_matches
         self.seed = seed
@@ -104,6 +166,12 @@ class CorrespondenceDataset(Dataset):
             sel = np.sort(sel)
             for field in ("xs", "kpts1", "kpts2", "ratio", "mutual", "epi_dist", "label"):
                 rec[field] = rec[field][sel]
+        if self.augment_swap > 0 or self.augment_rotation > 0:
+            if self.seed is None:
+                rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
+            else:
+                rng = np.random.default_rng([self.seed, index, self.epoch, 1])
+            rec = augment_pair(rec, rng, swap=self.augment_swap, rotation_deg=self.augment_rotation)
         f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
         xs = f32(rec["xs"])
         ratio, mutual = f32(rec["ratio"]), f32(rec["mutual"])
@@ -129,7 +197,8 @@ class CorrespondenceDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({str(self.h5_path)!r}, pairs={len(self)}, side_info={self.side_info}, "
-            f"max_matches={self.max_matches}, seed={self.seed})"
+            f"max_matches={self.max_matches}, seed={self.seed}, augment_swap={self.augment_swap}, "
+            f"augment_rotation={self.augment_rotation})"
         )
 
 

@@ -93,6 +93,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="clip the total gradient norm to this (0: off); the essential loss gives rare large gradients")
     p.add_argument("--max-matches", type=int, default=1000,
                    help="random subset of matches per training pair (0 = all); validation uses all matches")
+    p.add_argument("--augment-swap", type=float, default=0.0, metavar="P",
+                   help="training augmentation: exchange the two views with probability P")
+    p.add_argument("--augment-rotation", type=float, default=0.0, metavar="DEG",
+                   help="training augmentation: rotate each camera about its centre by up to DEG degrees "
+                        "(points, R and t transformed exactly; 0 = off)")
+    p.add_argument("--init", metavar="WEIGHTS",
+                   help="start from these weights (shipped name, weight file or train_corr checkpoint); "
+                        "the model options must match; ignored when --resume finds OUT/last.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     p.add_argument("--essential-after", type=int,
@@ -133,6 +141,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--lr-decay-epochs takes 1-based epochs, got {args.lr_decay_epochs}")
     if args.clip_grad_norm < 0:
         p.error(f"--clip-grad-norm must be >= 0, got {args.clip_grad_norm}")
+    if not 0 <= args.augment_swap <= 1:
+        p.error(f"--augment-swap is a probability in [0, 1], got {args.augment_swap}")
+    if not 0 <= args.augment_rotation <= 60:
+        p.error(f"--augment-rotation must be in [0, 60] degrees, got {args.augment_rotation}")
     if not 0 < args.lr_decay <= 1:
         p.error(f"--lr-decay must be in (0, 1], got {args.lr_decay}")
     return args
@@ -351,6 +363,22 @@ def export_best(args, out: Path, command: str) -> Path:
     return target
 
 
+def init_weights(model, model_name: str, source: str) -> None:
+    """Load ``source`` (shipped name, weight file, or a checkpoint of this program) into ``model``."""
+    from n3sets.pretrained import read_weight_file, resolve_weights
+
+    path = resolve_weights(source)
+    raw = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(raw, dict) and "model_name" in raw and "model" in raw:  # a train_corr checkpoint
+        name, conf, state = raw["model_name"], raw["model_conf"], raw["model"]
+    else:
+        w = read_weight_file(path)
+        name, conf, state = w["class"].lower(), w["conf"], w["state_dict"]
+    if name != model_name or conf != model.conf:
+        raise SystemExit(f"--init: {path} holds {name} {conf}, not {model_name} {model.conf}; use the same model options")
+    model.load_state_dict(state)
+
+
 # ----------------------------------------------------------------------------------------------
 def scheduled_lr(args, epoch):
     """Learning rate of 1-based ``epoch``: --lr times --lr-decay per milestone in --lr-decay-epochs reached."""
@@ -376,7 +404,8 @@ def main(argv=None) -> dict:
     random.seed(args.seed)
 
     max_matches = args.max_matches if args.max_matches and args.max_matches > 0 else None
-    train_set = CorrespondenceDataset(args.train, side_info=args.side_info, max_matches=max_matches, seed=args.seed)
+    train_set = CorrespondenceDataset(args.train, side_info=args.side_info, max_matches=max_matches, seed=args.seed,
+                                      augment_swap=args.augment_swap, augment_rotation=args.augment_rotation)
     val_set = CorrespondenceDataset(args.val, side_info=args.side_info)
     if args.max_train_pairs:
         train_set.keys = train_set.keys[: args.max_train_pairs]
@@ -417,8 +446,13 @@ def main(argv=None) -> dict:
         set_rng_state(ckpt["rng"])
         if rank == 0:
             print(f"resumed from {last_path}: epoch {start_epoch}, step {step}")
-    elif args.resume and rank == 0:
-        print(f"--resume: no {last_path} yet, starting from scratch")
+    else:
+        if args.resume and rank == 0:
+            print(f"--resume: no {last_path} yet, starting from scratch")
+        if args.init:
+            init_weights(model, args.model, args.init)
+            if rank == 0:
+                print(f"initialised from {args.init}")
 
     net = model
     if world > 1:

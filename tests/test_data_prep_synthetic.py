@@ -110,3 +110,58 @@ def test_dataset_works_with_dataloader_workers(tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_sets)
     batches = list(loader)
     assert len(batches) == 2 and batches[0]["x"].shape[:2] == (2, 6)
+
+
+def _epipolar_residuals(item):
+    from n3sets.geometry import essential_from_pose
+
+    E = essential_from_pose(item["R"][None].double(), item["t"][None].double())[0]
+    ones = torch.ones(len(item["xs"]), 1, dtype=torch.float64)
+    x1 = torch.cat([item["xs"][:, :2].double(), ones], 1)
+    x2 = torch.cat([item["xs"][:, 2:].double(), ones], 1)
+    return ((x2 @ E) * x1).sum(1).abs()
+
+
+def test_augmentation_keeps_the_geometry_exact(tmp_path):
+    from data_prep.corr_dataset import augment_pair
+
+    path = write_synthetic_dataset(tmp_path / "s.h5", 3, seed=4, num_matches=200, outlier_ratio=0.5)
+    plain = CorrespondenceDataset(path, seed=0)
+    aug = CorrespondenceDataset(path, seed=0, augment_swap=0.5, augment_rotation=20)
+    moved = 0
+    for epoch in range(4):
+        aug.set_epoch(epoch)
+        for i in range(len(aug)):
+            a, b = plain[i], aug[i]
+            lab = a["label"] > 0.5
+            torch.testing.assert_close(a["label"], b["label"])  # same matches, same order
+            # inliers stay on the epipolar lines of the transformed pose, as much as before
+            assert _epipolar_residuals(b)[lab].max() < 10 * _epipolar_residuals(a)[lab].max() + 1e-5
+            # outliers stay off them
+            assert _epipolar_residuals(b)[~lab].median() > 1e-3
+            torch.testing.assert_close(torch.linalg.det(b["R"]), torch.tensor(1.0))
+            torch.testing.assert_close(b["t"].norm(), a["t"].norm())
+            # pixel keypoints follow the normalized points through the (unchanged) intrinsics
+            for k, xs, K in (("kpts1", b["xs"][:, :2], b["K1"]), ("kpts2", b["xs"][:, 2:], b["K2"])):
+                torch.testing.assert_close(xs * K.diagonal()[:2] + K[:2, 2], b[k], atol=0.05, rtol=0)
+            moved += not torch.allclose(a["xs"], b["xs"])
+    assert moved == 12  # every draw rotates
+    # deterministic per (seed, index, epoch)
+    aug.set_epoch(1)
+    torch.testing.assert_close(aug[2]["xs"], aug[2]["xs"])
+
+    # a swap alone exchanges the views exactly: (R, t) -> (R^T, -R^T t)
+    rec = read_pair(h5py.File(path, "r")["pair_000001"])
+    rng = np.random.default_rng(0)
+    s = augment_pair(rec, rng, swap=1.0)
+    np.testing.assert_array_equal(s["xs"], np.concatenate([rec["xs"][:, 2:], rec["xs"][:, :2]], 1))
+    np.testing.assert_allclose(s["R"], rec["R"].T, atol=1e-7)
+    np.testing.assert_allclose(s["t"], -rec["R"].T @ rec["t"].reshape(3), atol=1e-6)
+    np.testing.assert_array_equal(s["kpts1"], rec["kpts2"])
+    back = augment_pair(s, rng, swap=1.0)
+    np.testing.assert_allclose(back["R"], rec["R"], atol=1e-7)
+    np.testing.assert_allclose(back["t"], rec["t"].reshape(3), atol=1e-6)
+    with pytest.raises(ValueError, match="augment_swap"):
+        CorrespondenceDataset(path, augment_swap=2.0)
+    with pytest.raises(ValueError, match="augment_rotation"):
+        CorrespondenceDataset(path, augment_rotation=-1)

@@ -145,3 +145,30 @@ def test_clip_grad_norm_is_applied_every_step(pipeline, tiny_data, tmp_path, mon
     assert len(calls) == 2 and all(m == 1e-3 and after <= 1e-3 * 1.01 for m, after in calls)
     with pytest.raises(SystemExit):
         pipeline.main(_args(tiny_data, tmp_path / "bad", "--epochs", "1", "--clip-grad-norm", "-1"))
+
+
+def test_init_from_weights_and_augmentation_flags(pipeline, tiny_data, tmp_path):
+    first = tmp_path / "first"
+    export = tmp_path / "first.pt"
+    pipeline.main(_args(tiny_data, first, "--epochs", "1", "--export", str(export)))
+    from n3sets.pretrained import load_model
+
+    # --init from a weight file and from a checkpoint: zero epochs keep the loaded weights
+    for source in (export, first / "best.pt"):
+        out = tmp_path / f"init_{source.stem}"
+        pipeline.main(_args(tiny_data, out, "--epochs", "1", "--init", str(source), "--lr", "0"))
+        ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+        want = load_model(export).state_dict()
+        for key, value in want.items():
+            if value.is_floating_point() and "running" not in key:  # batch-norm statistics move with lr 0
+                assert torch.equal(value, ckpt["model"][key]), key
+    with pytest.raises(SystemExit, match="same model options"):
+        pipeline.main(_args(tiny_data, tmp_path / "bad", "--epochs", "1", "--init", str(export), "--channels", "16"))
+    # augmentation: trains, and the flags are range-checked
+    out = tmp_path / "aug"
+    pipeline.main(_args(tiny_data, out, "--epochs", "1", "--augment-swap", "0.5", "--augment-rotation", "15"))
+    log = json.loads((out / "log.json").read_text())
+    assert log["args"]["augment_rotation"] == 15 and torch.isfinite(torch.tensor(log["history"][0]["train_loss"]))
+    for bad in (["--augment-swap", "1.5"], ["--augment-rotation", "90"]):
+        with pytest.raises(SystemExit):
+            pipeline.main(_args(tiny_data, tmp_path / "bad2", "--epochs", "1", *bad))
