@@ -354,6 +354,7 @@ def export_best(args, out: Path, command: str) -> Path:
         "wall_time_s": float(sum(h["epoch_time_s"] for h in hist)),
         "train_time_to_best_s": float(ckpt["train_time_s"]),
         "selection": "best validation mAP20 (ties: mAP10, mAP5, lower val BCE)",
+        "init": ckpt.get("init"),  # None, or the weights this run started from (--init) and how they were made
         "val_history": [{k: h[k] for k in ("epoch", "mAP5", "mAP10", "mAP20", "f1")} for h in hist],
         "torch": str(torch.__version__),
         "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -363,20 +364,29 @@ def export_best(args, out: Path, command: str) -> Path:
     return target
 
 
-def init_weights(model, model_name: str, source: str) -> None:
-    """Load ``source`` (shipped name, weight file, or a checkpoint of this program) into ``model``."""
+def init_weights(model, model_name: str, source: str) -> dict:
+    """Load ``source`` (shipped name, weight file, or a checkpoint of this program) into ``model``.
+
+    Returns what is known of how the source was trained (``source``, ``path``, ``command``,
+    ``epochs``), kept in the checkpoints and the exported meta so a continued model says where it
+    started.
+    """
     from n3sets.pretrained import read_weight_file, resolve_weights
 
     path = resolve_weights(source)
     raw = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(raw, dict) and "model_name" in raw and "model" in raw:  # a train_corr checkpoint
         name, conf, state = raw["model_name"], raw["model_conf"], raw["model"]
+        origin = {"command": " && ".join(raw.get("commands", [raw.get("command", "")])), "epochs": int(raw["epoch"])}
     else:
         w = read_weight_file(path)
         name, conf, state = w["class"].lower(), w["conf"], w["state_dict"]
+        meta = w.get("meta", {})
+        origin = {"command": meta.get("command", ""), "epochs": meta.get("epochs")}
     if name != model_name or conf != model.conf:
         raise SystemExit(f"--init: {path} holds {name} {conf}, not {model_name} {model.conf}; use the same model options")
     model.load_state_dict(state)
+    return {"source": str(source), "path": str(path), **origin}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,7 +433,7 @@ def main(argv=None) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     criterion = CorrespondenceLoss(essential_weight=args.essential_weight, essential_after=args.essential_after)
 
-    start_epoch, step, history, best, best_train_time = 0, 0, [], None, 0.0
+    start_epoch, step, history, best, best_train_time, init = 0, 0, [], None, 0.0, None
     commands = [command]  # every invocation that trained this run (a resume may change e.g. --essential-after)
     last_path, best_path = out / "last.pt", out / "best.pt"
     if args.resume and last_path.is_file():
@@ -440,6 +450,7 @@ def main(argv=None) -> dict:
             print(f"--resume: learning rate {old_lr:g} -> {new_lr:g}")
         start_epoch, step, history, best = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best"]
         best_train_time = ckpt.get("best_train_time_s", 0.0)
+        init = ckpt.get("init")
         commands = ckpt.get("commands", [ckpt["command"]])
         if start_epoch < args.epochs:
             commands = commands + [command]
@@ -450,7 +461,7 @@ def main(argv=None) -> dict:
         if args.resume and rank == 0:
             print(f"--resume: no {last_path} yet, starting from scratch")
         if args.init:
-            init_weights(model, args.model, args.init)
+            init = init_weights(model, args.model, args.init)
             if rank == 0:
                 print(f"initialised from {args.init}")
 
@@ -522,6 +533,7 @@ def main(argv=None) -> dict:
                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step, "history": history,
                     "best": best, "best_train_time_s": best_train_time, "train_time_s": train_time,
                     "command": command, "commands": commands, "data": data_info, "world_size": world, "args": info["args"],
+                    "init": init,
                     "rng": rng_state()}
             atomic_torch_save(ckpt, last_path)
             if is_best:

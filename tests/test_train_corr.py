@@ -156,8 +156,12 @@ def test_init_from_weights_and_augmentation_flags(pipeline, tiny_data, tmp_path)
     # --init from a weight file and from a checkpoint: zero epochs keep the loaded weights
     for source in (export, first / "best.pt"):
         out = tmp_path / f"init_{source.stem}"
-        pipeline.main(_args(tiny_data, out, "--epochs", "1", "--init", str(source), "--lr", "0"))
+        pipeline.main(_args(tiny_data, out, "--epochs", "1", "--init", str(source), "--lr", "0",
+                            "--export", str(out / "cont.pt")))
         ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+        # where the run started is kept, with the command that made the source
+        assert ckpt["init"]["source"] == str(source) and ckpt["init"]["epochs"] == 1
+        assert load_model(out / "cont.pt").meta["init"]["command"].startswith("python pipelines/train_corr.py --train")
         want = load_model(export).state_dict()
         for key, value in want.items():
             if value.is_floating_point() and "running" not in key:  # batch-norm statistics move with lr 0
