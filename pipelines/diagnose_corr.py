@@ -1,6 +1,6 @@
 """Where does the weighted eight-point pose of a correspondence model lose accuracy?
 
-    python pipelines/diagnose_corr.py --data data_out/strecha_val.h5 --weights n3net-strecha cnnet-strecha-coords \
+    python pipelines/diagnose_corr.py --data data_out/strecha_val.h5 --weights n3net-strecha cnnet-strecha \
         --json results/diagnose_val.json
 
 For every pair it estimates E with the weighted eight-point algorithm (no RANSAC) from several
