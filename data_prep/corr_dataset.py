@@ -16,24 +16,28 @@ from torch.utils.data import Dataset
 
 from .h5io import pair_keys, read_pair
 
-__all__ = ["CorrespondenceDataset", "collate_sets", "random_rotation", "augment_pair"]
+__all__ = ["CorrespondenceDataset", "collate_sets", "augment_pair"]
 
 
-def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
-    """A rotation about a uniformly random axis by an angle uniform in ``[0, max_deg]`` degrees."""
+def _bounded_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    """A rotation about a uniformly random axis by an angle uniform in ``[0, max_deg]`` degrees (Rodrigues)."""
     axis = rng.normal(size=3)
     axis /= np.linalg.norm(axis) + 1e-12
     angle = np.deg2rad(rng.uniform(0.0, max_deg))
-    K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * K + (1 - np.cos(angle)) * K @ K
+    S = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * S + (1 - np.cos(angle)) * S @ S
 
 
-def _rotate_points(Q: np.ndarray, x: np.ndarray) -> np.ndarray | None:
-    """Normalized points ``(N, 2)`` seen by the camera rotated by ``Q``; None if any leaves the front."""
+def _rotate_view(Q: np.ndarray, x: np.ndarray, K) -> tuple[np.ndarray, np.ndarray] | None:
+    """Normalized points ``(N, 2)`` and pixel keypoints seen by the camera rotated by ``Q``.
+
+    None if a point would end up more than ~84 deg off the axis (or behind): that draw is skipped.
+    """
     h = np.concatenate([x, np.ones((len(x), 1))], 1) @ Q.T
-    if len(h) and h[:, 2].min() < 0.1:  # more than ~84 deg off the axis (or behind): skip this draw
+    if len(h) and h[:, 2].min() < 0.1:
         return None
-    return h[:, :2] / h[:, 2:]
+    h = h / h[:, 2:]
+    return h[:, :2], (h @ np.asarray(K, np.float64).T)[:, :2]
 
 
 def augment_pair(rec: dict, rng: np.random.Generator, swap: float = 0.0, rotation_deg: float = 0.0) -> dict:
@@ -58,14 +62,12 @@ def augment_pair(rec: dict, rng: np.random.Generator, swap: float = 0.0, rotatio
         x1, x2, k1, k2, K1, K2 = x2, x1, k2, k1, K2, K1
         R, t = R.T, -R.T @ t
     if rotation_deg > 0:
-        Q1, Q2 = random_rotation(rng, rotation_deg), random_rotation(rng, rotation_deg)
-        y1, y2 = _rotate_points(Q1, x1), _rotate_points(Q2, x2)
-        if y1 is not None:
-            x1, R = y1, R @ Q1.T
-            k1 = (np.concatenate([y1, np.ones((len(y1), 1))], 1) @ np.asarray(K1, np.float64).T)[:, :2]
-        if y2 is not None:
-            x2, R, t = y2, Q2 @ R, Q2 @ t
-            k2 = (np.concatenate([y2, np.ones((len(y2), 1))], 1) @ np.asarray(K2, np.float64).T)[:, :2]
+        Q1, Q2 = _bounded_rotation(rng, rotation_deg), _bounded_rotation(rng, rotation_deg)
+        view1, view2 = _rotate_view(Q1, x1, K1), _rotate_view(Q2, x2, K2)
+        if view1 is not None:  # x1' = Q1 x1: X2 = R Q1^T X1'
+            (x1, k1), R = view1, R @ Q1.T
+        if view2 is not None:  # x2' = Q2 x2: X2' = Q2 R X1 + Q2 t
+            (x2, k2), R, t = view2, Q2 @ R, Q2 @ t
     rec.update(xs=np.concatenate([x1, x2], 1), R=R, t=t, kpts1=k1, kpts2=k2, K1=K1, K2=K2)
     return rec
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_model", "load_model", "resolve_weights", "weights_name", "available_models", "WEIGHTS_DIR",
-           "MODEL_CLASSES"]
+__all__ = ["save_model", "load_model", "read_weight_file", "check_weight_payload", "resolve_weights", "weights_name",
+           "available_models", "WEIGHTS_DIR", "MODEL_CLASSES"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FORMAT = "n3sets-model"
@@ -135,6 +135,11 @@ def read_weight_file(name_or_path, map_location="cpu") -> dict:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt or foreign file: say which one
         raise ValueError(f"cannot read weight file {path}: {exc}") from exc
+    return check_weight_payload(payload, path)
+
+
+def check_weight_payload(payload, path) -> dict:
+    """Validate a loaded weight-file dict (see module docstring); returns it with ``path`` added."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an n3sets model file (missing format={FORMAT!r}); "
                          "training checkpoints are exported with pipelines/train_corr.py --export")

@@ -371,15 +371,15 @@ def init_weights(model, model_name: str, source: str) -> dict:
     ``epochs``), kept in the checkpoints and the exported meta so a continued model says where it
     started.
     """
-    from n3sets.pretrained import read_weight_file, resolve_weights
+    from n3sets.pretrained import check_weight_payload, resolve_weights
 
     path = resolve_weights(source)
-    raw = torch.load(path, map_location="cpu", weights_only=False)
+    raw = torch.load(path, map_location="cpu", weights_only=False)  # a checkpoint holds RNG state
     if isinstance(raw, dict) and "model_name" in raw and "model" in raw:  # a train_corr checkpoint
         name, conf, state = raw["model_name"], raw["model_conf"], raw["model"]
         origin = {"command": " && ".join(raw.get("commands", [raw.get("command", "")])), "epochs": int(raw["epoch"])}
     else:
-        w = read_weight_file(path)
+        w = check_weight_payload(raw, path)
         name, conf, state = w["class"].lower(), w["conf"], w["state_dict"]
         meta = w.get("meta", {})
         origin = {"command": meta.get("command", ""), "epochs": meta.get("epochs")}
