@@ -91,7 +91,9 @@ class CorrespondenceLoss(torch.nn.Module):
 
     ``forward(logits, labels, mask, x1, x2, E_gt, step)`` returns ``(loss, parts)`` where
     ``parts`` holds the detached float values ``{"cls": ..., "ess": ...}`` (``ess`` is always
-    computed under no_grad for logging when it is not yet part of the loss).
+    computed under no_grad for logging when it is not yet part of the loss). ``logits`` may be a
+    list of every stage's logits of a model with a refinement stage (``return_stages=True``):
+    the loss is then the sum over stages (as in OANet) and ``parts`` are those of the last stage.
     """
 
     def __init__(self, classification_weight: float = 1.0, essential_weight: float = 0.1,
@@ -105,6 +107,17 @@ class CorrespondenceLoss(torch.nn.Module):
         return self.essential_after >= 0 and step >= self.essential_after and self.essential_weight > 0
 
     def forward(self, logits, labels, mask, x1, x2, E_gt, step: int):
+        if isinstance(logits, (list, tuple)):
+            if not logits:
+                raise ValueError("logits is an empty list of stages")
+            total = 0.0
+            for stage in logits:
+                loss, parts = self._single(stage, labels, mask, x1, x2, E_gt, step)
+                total = total + loss
+            return total, parts
+        return self._single(logits, labels, mask, x1, x2, E_gt, step)
+
+    def _single(self, logits, labels, mask, x1, x2, E_gt, step: int):
         cls = balanced_bce(logits, labels, mask)
         loss = self.classification_weight * cls
         active = self.essential_active(step)

@@ -5,6 +5,13 @@ Both take a padded batch of putative matches ``x (B, C_in, N)`` -- the normalize
 ``(B, N)`` (True = real match) and return one logit per match ``(B, N)``. Every layer that pools
 over a set (context normalization, batch normalization, the N3 block) uses the valid items only,
 so in eval mode a padded batch gives the same logits per set as the sets one by one.
+
+Either model can end in a residual refinement stage (conf ``refine_stage``, after the iterative
+networks of Zhang et al., OANet, ICCV 2019, and Ranftl & Koltun, ECCV 2018): the first network's
+weights give an essential matrix by the weighted eight-point algorithm, and a second network of
+the same kind sees each match's coordinates together with its first-stage weight and its
+epipolar residual under that matrix. The residual is a consensus cue that does not depend on the
+scene, which a classifier of coordinates alone has to learn from the training scenes.
 """
 from __future__ import annotations
 
@@ -14,10 +21,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CNNet", "N3Net", "context_norm", "MaskedBatchNorm1d", "model_inputs", "PADDED_LOGIT"]
+__all__ = ["CNNet", "N3Net", "context_norm", "MaskedBatchNorm1d", "model_inputs", "residual_features",
+           "PADDED_LOGIT"]
 
 # Logit written at padded positions: sigmoid -> 0 and relu(tanh(.)) -> 0, still finite.
 PADDED_LOGIT = -1e4
+# Input channels a refinement stage adds: first-stage weight and log epipolar residual.
+REFINE_INPUTS = 2
+# Range of the squared symmetric epipolar distance (normalized units) before its log is taken:
+# 1e-10 is ~0.01 px at f ~ 1000 px, 1.0 is about an image width.
+_RESIDUAL_RANGE = (1e-10, 1.0)
+# Weight added to every valid match for the first-stage E of a refinement stage.
+_WEIGHT_FLOOR = 1e-4
 
 
 def _check_inputs(x: torch.Tensor, mask: torch.Tensor | None, channels: int) -> torch.Tensor:
@@ -135,6 +150,9 @@ class CNNet(nn.Module):
         side_info: add ``[ratio, mutual]`` input channels (``in_channels`` becomes 6).
         in_channels: None (derived from side_info) or the explicit input width.
         channels: feature width C; num_blocks: residual blocks; cn_eps, bn_momentum.
+        refine_stage: None (one network) or a dict of configuration overrides for a second
+            network of the same class that refines the logits from the first stage's weights and
+            epipolar residuals (``{}``: the same configuration). See :meth:`forward`.
     """
 
     default_conf = {
@@ -144,23 +162,46 @@ class CNNet(nn.Module):
         "num_blocks": 12,
         "cn_eps": 1e-3,
         "bn_momentum": 0.1,
+        "refine_stage": None,
     }
 
-    def __init__(self, conf: dict | None = None, **kwargs):
-        super().__init__()
-        conf = _merge_conf(self.default_conf, conf, kwargs)
+    @classmethod
+    def resolve_conf(cls, conf: dict | None = None, **kwargs) -> dict:
+        """The full configuration (defaults, overrides, derived ``in_channels``) a model would get.
+
+        Lets a stored configuration from an older version, without keys added since, be compared
+        with a model's ``conf``.
+        """
+        conf = _merge_conf(cls.default_conf, conf, kwargs)
         expected = 6 if conf["side_info"] else 4
         if conf["in_channels"] is None:
             conf["in_channels"] = expected
         elif conf["in_channels"] != expected:
             raise ValueError(f"in_channels={conf['in_channels']} does not match side_info={conf['side_info']} "
                              f"(expected {expected})")
+        refine = conf["refine_stage"]
+        if refine is not None:
+            if not isinstance(refine, dict):
+                raise ValueError(f"refine_stage must be None or a dict of configuration overrides, got {refine!r}")
+            fixed = {"side_info", "in_channels", "refine_stage"} & set(refine)
+            if fixed:
+                raise ValueError(f"refine_stage cannot override {sorted(fixed)} (set by the first stage)")
+            _merge_conf(cls.default_conf, refine, {})  # unknown keys fail here, naming the key
+        return conf
+
+    def __init__(self, conf: dict | None = None, _extra_inputs: int = 0, **kwargs):
+        super().__init__()
+        conf = self.resolve_conf(conf, **kwargs)
         self.conf = conf
         C = conf["channels"]
-        self.input_proj = nn.Conv1d(conf["in_channels"], C, 1)
+        self.input_proj = nn.Conv1d(conf["in_channels"] + _extra_inputs, C, 1)
         self.blocks = nn.ModuleList(
             ResidualCNBlock(C, conf["cn_eps"], conf["bn_momentum"]) for _ in range(conf["num_blocks"]))
         self.output = nn.Conv1d(C, 1, 1)
+        self.refine_stage = None
+        if conf["refine_stage"] is not None:
+            stage_conf = {**conf, **conf["refine_stage"], "refine_stage": None}
+            self.refine_stage = type(self)(stage_conf, _extra_inputs=REFINE_INPUTS)
 
     def reset_parameters(self):
         # Only top-level layers: a sub-module's own reset_parameters knows its special
@@ -179,9 +220,34 @@ class CNNet(nn.Module):
     def _run_block(self, i: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.blocks[i](x, mask)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(B, N)`` for ``x (B, C_in, N)`` and ``mask (B, N)`` (padded logits = PADDED_LOGIT)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, return_stages: bool = False):
+        """Logits ``(B, N)`` for ``x (B, C_in, N)`` and ``mask (B, N)`` (padded logits = PADDED_LOGIT).
+
+        With a refinement stage the first network's logits give weights ``relu(tanh(.))`` and an
+        essential matrix by the weighted eight-point algorithm; the second network gets ``x``
+        followed by each match's first-stage weight and :func:`residual_features` under that
+        matrix (both without gradient, as in OANet), and its logits are returned.
+        ``return_stages=True`` returns the list of every stage's logits instead (for a loss on
+        each stage).
+        """
         mask = _check_inputs(x, mask, self.conf["in_channels"])
+        logits = self._stage(x, mask)
+        stages = [logits]
+        if self.refine_stage is not None:
+            with torch.no_grad():
+                from .essential import logits_to_weights, weighted_eight_point
+
+                w = logits_to_weights(logits) * mask.to(logits.dtype)
+                x1, x2 = x[:, 0:2].transpose(1, 2), x[:, 2:4].transpose(1, 2)
+                # a small floor on every valid match keeps E determined when the first stage
+                # passes fewer than eight matches (and so independent of padding)
+                E = weighted_eight_point(x1, x2, w + _WEIGHT_FLOOR * mask.to(w.dtype), mask)
+                extra = torch.stack([w, residual_features(x1, x2, E, mask)], dim=1).to(x.dtype)
+            stages.append(self.refine_stage._stage(torch.cat([x, extra], dim=1), mask))
+        return stages if return_stages else stages[-1]
+
+    def _stage(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """This network's own logits (checked inputs, no refinement)."""
         m = mask.unsqueeze(1).to(x.dtype)
         # padding may hold NaN/inf from the caller; zero it before it enters any layer
         h = self.input_proj(torch.where(mask.unsqueeze(1), x, torch.zeros_like(x))) * m
@@ -219,8 +285,8 @@ class N3Net(CNNet):
         "n3block": {},
     }
 
-    def __init__(self, conf: dict | None = None, **kwargs):
-        super().__init__(conf, **kwargs)
+    def __init__(self, conf: dict | None = None, _extra_inputs: int = 0, **kwargs):
+        super().__init__(conf, _extra_inputs, **kwargs)
         from .n3block import N3Block  # the block lives in its own module (helper A)
 
         conf = self.conf
@@ -249,18 +315,16 @@ class N3Net(CNNet):
             h = self.n3_expand(h)
         return h * mask.unsqueeze(1).to(h.dtype)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(B, N)`` for ``x (B, C_in, N)`` and ``mask (B, N)`` (padded logits = PADDED_LOGIT)."""
+    def _stage(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.conf["n3_after"] == self.conf["num_blocks"]:
             # block after the last residual block: run it before the output layer
-            mask_ = _check_inputs(x, mask, self.conf["in_channels"])
-            m = mask_.unsqueeze(1).to(x.dtype)
-            h = self.input_proj(torch.where(mask_.unsqueeze(1), x, torch.zeros_like(x))) * m
+            m = mask.unsqueeze(1).to(x.dtype)
+            h = self.input_proj(torch.where(mask.unsqueeze(1), x, torch.zeros_like(x))) * m
             for block in self.blocks:
-                h = block(h, mask_)
-            h = self._n3(h, mask_)
-            return self.output(h).squeeze(1).masked_fill(~mask_, PADDED_LOGIT)
-        return super().forward(x, mask)
+                h = block(h, mask)
+            h = self._n3(h, mask)
+            return self.output(h).squeeze(1).masked_fill(~mask, PADDED_LOGIT)
+        return super()._stage(x, mask)
 
 
 def model_inputs(xs: torch.Tensor, ratio: torch.Tensor | None = None, mutual: torch.Tensor | None = None,
@@ -285,3 +349,22 @@ def model_inputs(xs: torch.Tensor, ratio: torch.Tensor | None = None, mutual: to
             raise ValueError(f"{name} must have shape (B, N) = {tuple(xs.shape[:2])}, got {tuple(value.shape)}")
     extra = torch.stack([ratio.to(xs.dtype), mutual.to(xs.dtype)], dim=1)
     return torch.cat([x, extra], dim=1).contiguous()
+
+
+def residual_features(x1: torch.Tensor, x2: torch.Tensor, E: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Log squared symmetric epipolar distance of each match under ``E``: ``(B, N)``.
+
+    ``x1, x2 (B, N, 2)`` normalized points, ``E (B, 3, 3)``. The distance is clamped to
+    ``[1e-10, 1]`` (normalized units squared) before the log, so outliers far off their line and
+    exact inliers both stay finite; padded items get 0.
+    """
+    from .geometry import symmetric_epipolar_distance
+
+    if mask is not None:
+        x1 = x1.masked_fill(~mask.unsqueeze(-1), 0.0)
+        x2 = x2.masked_fill(~mask.unsqueeze(-1), 0.0)
+    d = symmetric_epipolar_distance(x1.double(), x2.double(), E.double())
+    f = torch.log(torch.nan_to_num(d, nan=_RESIDUAL_RANGE[1]).clamp(*_RESIDUAL_RANGE))
+    if mask is not None:
+        f = f.masked_fill(~mask, 0.0)
+    return f.to(x1.dtype)

@@ -115,6 +115,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=int, help="N3Net: neighbours")
     p.add_argument("--n3-after", type=int, help="N3Net: residual blocks before the N3 block")
     p.add_argument("--embed-channels", type=int, help="N3Net: embedding width")
+    p.add_argument("--refine-stage", action="store_true",
+                   help="end in a residual refinement stage: a second network of the same kind fed the first "
+                        "stage's weights and epipolar residuals (overrides for it: --model-conf "
+                        "'{\"refine_stage\": {...}}'); with --init a one-stage model becomes the first stage")
     p.add_argument("--model-conf", type=json.loads, default={}, help="JSON dict of further model conf overrides")
     p.add_argument("--max-train-pairs", type=int, help="use only the first N training pairs (debugging)")
     p.add_argument("--max-val-pairs", type=int, help="use only the first N validation pairs (debugging)")
@@ -189,6 +193,8 @@ def model_conf_from_args(args) -> dict:
             if key not in MODELS[args.model].default_conf:
                 raise SystemExit(f"--{key.replace('_', '-')} does not apply to --model {args.model}")
             conf[key] = value
+    if args.refine_stage:
+        conf["refine_stage"] = {}
     conf.update(args.model_conf)
     return conf
 
@@ -383,10 +389,23 @@ def init_weights(model, model_name: str, source: str) -> dict:
         name, conf, state = w["class"].lower(), w["conf"], w["state_dict"]
         meta = w.get("meta", {})
         origin = {"command": meta.get("command", ""), "epochs": meta.get("epochs")}
-    if name != model_name or conf != model.conf:
+    if name != model_name:
+        raise SystemExit(f"--init: {path} holds a {name}, not a {model_name}; use the same --model")
+    conf = MODELS[name].resolve_conf(conf)  # a file from an older version lacks newer keys
+    target = model.conf
+    first_stage_only = conf["refine_stage"] is None and target["refine_stage"] is not None
+    if first_stage_only:  # a one-stage model becomes the first stage; the refinement stage starts fresh
+        target = {**target, "refine_stage": None}
+    if conf != target:
         raise SystemExit(f"--init: {path} holds {name} {conf}, not {model_name} {model.conf}; use the same model options")
-    model.load_state_dict(state)
-    return {"source": str(source), "path": str(path), **origin}
+    if first_stage_only:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        stray = [k for k in missing if not k.startswith("refine_stage.")] + list(unexpected)
+        if stray:
+            raise SystemExit(f"--init: {path} does not fit the first stage of {model_name}: {stray[:5]}")
+    else:
+        model.load_state_dict(state)
+    return {"source": str(source), "path": str(path), "first_stage_only": first_stage_only, **origin}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +457,7 @@ def main(argv=None) -> dict:
     last_path, best_path = out / "last.pt", out / "best.pt"
     if args.resume and last_path.is_file():
         ckpt = torch.load(last_path, map_location="cpu", weights_only=False)  # written by this program
-        if ckpt["model_name"] != args.model or ckpt["model_conf"] != model.conf:
+        if ckpt["model_name"] != args.model or MODELS[args.model].resolve_conf(ckpt["model_conf"]) != model.conf:
             raise SystemExit(f"--resume: {last_path} holds {ckpt['model_name']} {ckpt['model_conf']}, "
                              f"not {args.model} {model.conf}; use the same model options")
         model.load_state_dict(ckpt["model"])
@@ -496,7 +515,7 @@ def main(argv=None) -> dict:
                       mininterval=1 if sys.stderr.isatty() else 60)
         for batch in it:
             x, mask, label, x1, x2, E_gt = split_batch(batch)
-            logits = net(x, mask)
+            logits = net(x, mask, return_stages=True)  # a list: a loss on every stage
             loss, parts = criterion(logits, label, mask, x1, x2, E_gt, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

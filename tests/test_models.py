@@ -219,3 +219,74 @@ def test_shipped_weights_load_and_run(name):
     x = torch.randn(1, model.conf["in_channels"], 50)
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("cls,conf", [(CNNet, SMALL), (N3Net, SMALL_N3)])
+def test_refine_stage_shapes_padding_and_stages(cls, conf):
+    model = _trained_a_little(cls(**conf, refine_stage={"num_blocks": 2}))
+    assert isinstance(model.refine_stage, cls) and model.refine_stage.input_proj.in_channels == 4 + 2
+    assert len(model.refine_stage.blocks) == 2 and model.refine_stage.refine_stage is None
+    sizes = [30, 12, 21]
+    x, mask = _padded_batch(sizes)
+    stages = model(x, mask, return_stages=True)
+    assert len(stages) == 2 and all(s.shape == (3, 30) for s in stages)
+    assert torch.equal(stages[-1], model(x, mask))  # the last stage is the model's output
+    for b, s in enumerate(sizes):  # padding changes nothing, also through the first-stage E
+        alone = model(x[b:b + 1, :, :s], mask[b:b + 1, :s])
+        torch.testing.assert_close(alone[0], stages[-1][b, :s], atol=1e-4, rtol=1e-4)
+    # the refinement stage sees the first stage only as detached inputs
+    model.train()
+    stages = model(x, mask, return_stages=True)
+    stages[-1][mask].sum().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.blocks.parameters())
+    assert model.refine_stage.input_proj.weight.grad.abs().sum() > 0
+
+
+def test_refine_stage_configuration_errors():
+    with pytest.raises(ValueError, match="unknown configuration key 'k'"):
+        CNNet(**SMALL, refine_stage={"k": 3})
+    with pytest.raises(ValueError, match="cannot override"):
+        CNNet(**SMALL, refine_stage={"side_info": True})
+    with pytest.raises(ValueError, match="dict of configuration overrides"):
+        CNNet(**SMALL, refine_stage=True)
+    # a stored configuration without the newer key resolves to the same conf as the model's
+    old = {k: v for k, v in CNNet(**SMALL).conf.items() if k != "refine_stage"}
+    assert CNNet.resolve_conf(old) == CNNet(**SMALL).conf
+
+
+def test_residual_features_separate_inliers_from_outliers():
+    from n3sets.geometry import essential_from_pose
+    from n3sets.models import residual_features
+
+    torch.manual_seed(0)
+    X = torch.rand(1, 40, 3) * 2 - 1 + torch.tensor([0.0, 0.0, 5.0])
+    R = torch.eye(3)[None]
+    t = torch.tensor([[1.0, 0.0, 0.0]])
+    x1 = X[..., :2] / X[..., 2:]
+    X2 = X @ R[0].T + t
+    x2 = X2[..., :2] / X2[..., 2:]
+    x2[:, 20:] = torch.rand(1, 20, 2) - 0.5  # outliers
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    mask[0, -1] = False
+    f = residual_features(x1, x2, essential_from_pose(R, t), mask)
+    assert f.shape == (1, 40) and torch.isfinite(f).all() and f[0, -1] == 0
+    assert f[0, :20].max() < -20 < f[0, 20:39].median()  # exact inliers sit at the lower clamp
+
+
+def test_loss_over_stages_is_the_sum():
+    from n3sets.losses import CorrespondenceLoss
+
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(2, 30, 2) * 0.3, torch.randn(2, 30, 2) * 0.3
+    E_gt = torch.randn(2, 3, 3)
+    labels = torch.rand(2, 30) > 0.5
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    a, b = torch.randn(2, 30), torch.randn(2, 30)
+    crit = CorrespondenceLoss(essential_after=0)
+    la, _ = crit(a, labels, mask, x1, x2, E_gt, 5)
+    lb, pb = crit(b, labels, mask, x1, x2, E_gt, 5)
+    both, parts = crit([a, b], labels, mask, x1, x2, E_gt, 5)
+    torch.testing.assert_close(both, la + lb)
+    assert parts == pb
+    with pytest.raises(ValueError, match="empty"):
+        crit([], labels, mask, x1, x2, E_gt, 5)

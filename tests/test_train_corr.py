@@ -176,3 +176,25 @@ def test_init_from_weights_and_augmentation_flags(pipeline, tiny_data, tmp_path)
     for bad in (["--augment-swap", "1.5"], ["--augment-rotation", "90"]):
         with pytest.raises(SystemExit):
             pipeline.main(_args(tiny_data, tmp_path / "bad2", "--epochs", "1", *bad))
+
+
+def test_refine_stage_trains_and_starts_from_a_one_stage_model(pipeline, tiny_data, tmp_path):
+    one = tmp_path / "one.pt"
+    pipeline.main(_args(tiny_data, tmp_path / "one", "--epochs", "1", "--export", str(one)))
+    out = tmp_path / "two"
+    pipeline.main(_args(tiny_data, out, "--epochs", "1", "--refine-stage", "--init", str(one),
+                        "--export", str(out / "two.pt")))
+    from n3sets.pretrained import load_model
+
+    two = load_model(out / "two.pt")
+    assert two.conf["refine_stage"] == {} and two.refine_stage is not None
+    assert two.meta["init"]["first_stage_only"] is True
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    log = json.loads((out / "log.json").read_text())
+    assert torch.isfinite(torch.tensor(log["history"][0]["train_loss"]))
+    # the first stage started from the one-stage model (and trained on), the second did not exist there
+    assert any(k.startswith("refine_stage.") for k in ckpt["model"])
+    assert not any(k.startswith("refine_stage.") for k in load_model(one).state_dict())
+    # a two-stage source cannot seed a one-stage model
+    with pytest.raises(SystemExit, match="same model options"):
+        pipeline.main(_args(tiny_data, tmp_path / "bad", "--epochs", "1", "--init", str(out / "two.pt")))
