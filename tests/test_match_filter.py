@@ -245,7 +245,7 @@ def test_real_pair_conventions_with_ransac_only(entry_pair):
     assert res.ok and _pose_err(res, p["R"], p["t"]) < 5.0
 
 
-@pytest.mark.parametrize("name", ["n3net-strecha", "cnnet-strecha"])
+@pytest.mark.parametrize("name", ["n3net-strecha", "cnnet-strecha", "n3net-strecha-refine", "cnnet-strecha-refine"])
 def test_real_pair_shipped_model(entry_pair, name):
     if name not in available_models():
         pytest.skip(f"shipped weights {name}.pt not present")

@@ -209,7 +209,7 @@ def test_missing_weights_raise_with_available_names(tmp_path):
         load_model(bad)
 
 
-@pytest.mark.parametrize("name", ["cnnet-strecha", "n3net-strecha"])
+@pytest.mark.parametrize("name", ["cnnet-strecha", "n3net-strecha", "cnnet-strecha-refine", "n3net-strecha-refine"])
 def test_shipped_weights_load_and_run(name):
     if name not in available_models():
         pytest.skip(f"{name} not shipped yet")
