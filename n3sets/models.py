@@ -21,6 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .essential import logits_to_weights, weighted_eight_point
+from .geometry import symmetric_epipolar_distance
+
 __all__ = ["CNNet", "N3Net", "context_norm", "MaskedBatchNorm1d", "model_inputs", "residual_features",
            "PADDED_LOGIT"]
 
@@ -235,8 +238,6 @@ class CNNet(nn.Module):
         stages = [logits]
         if self.refine_stage is not None:
             with torch.no_grad():
-                from .essential import logits_to_weights, weighted_eight_point
-
                 w = logits_to_weights(logits) * mask.to(logits.dtype)
                 x1, x2 = x[:, 0:2].transpose(1, 2), x[:, 2:4].transpose(1, 2)
                 # a small floor on every valid match keeps E determined when the first stage
@@ -253,8 +254,12 @@ class CNNet(nn.Module):
         h = self.input_proj(torch.where(mask.unsqueeze(1), x, torch.zeros_like(x))) * m
         for i in range(len(self.blocks)):
             h = self._run_block(i, h, mask)
-        logits = self.output(h).squeeze(1)
+        logits = self.output(self._after_blocks(h, mask)).squeeze(1)
         return logits.masked_fill(~mask, PADDED_LOGIT)
+
+    def _after_blocks(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hook between the last residual block and the output layer (identity here)."""
+        return h
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.conf.items())
@@ -315,16 +320,9 @@ class N3Net(CNNet):
             h = self.n3_expand(h)
         return h * mask.unsqueeze(1).to(h.dtype)
 
-    def _stage(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.conf["n3_after"] == self.conf["num_blocks"]:
-            # block after the last residual block: run it before the output layer
-            m = mask.unsqueeze(1).to(x.dtype)
-            h = self.input_proj(torch.where(mask.unsqueeze(1), x, torch.zeros_like(x))) * m
-            for block in self.blocks:
-                h = block(h, mask)
-            h = self._n3(h, mask)
-            return self.output(h).squeeze(1).masked_fill(~mask, PADDED_LOGIT)
-        return super()._stage(x, mask)
+    def _after_blocks(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # block after the last residual block: run it before the output layer
+        return self._n3(h, mask) if self.conf["n3_after"] == self.conf["num_blocks"] else h
 
 
 def model_inputs(xs: torch.Tensor, ratio: torch.Tensor | None = None, mutual: torch.Tensor | None = None,
@@ -358,8 +356,6 @@ def residual_features(x1: torch.Tensor, x2: torch.Tensor, E: torch.Tensor, mask:
     ``[1e-10, 1]`` (normalized units squared) before the log, so outliers far off their line and
     exact inliers both stay finite; padded items get 0.
     """
-    from .geometry import symmetric_epipolar_distance
-
     if mask is not None:
         x1 = x1.masked_fill(~mask.unsqueeze(-1), 0.0)
         x2 = x2.masked_fill(~mask.unsqueeze(-1), 0.0)
