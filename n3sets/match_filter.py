@@ -187,6 +187,9 @@ class MatchFilter:
         # about 1 px at a focal length of 1000 px).
         "ransac_threshold": None,
         "ransac_confidence": 0.999,
+        # Iteration cap of RANSAC/MAGSAC; None takes n3sets.robust.DEFAULT_MAX_ITERS (10,000, the
+        # evaluation's setting; OpenCV's own default of 1000 starves RANSAC at 20 % inliers).
+        "ransac_max_iters": None,
         "seed": 0,
         # Cap on B * Nmax per network call in filter_batch: N3Net's KNN holds (k, N, N) weights per
         # pair, so 8 pairs of 2000 matches (about 1 GB) is a safe CPU default.
@@ -379,6 +382,7 @@ class MatchFilter:
         est = estimate_essential(
             n1[idx], n2[idx], method=refine, threshold=self.conf["ransac_threshold"],
             confidence=self.conf["ransac_confidence"], seed=self.conf["seed"],
+            **({} if self.conf["ransac_max_iters"] is None else {"max_iters": int(self.conf["ransac_max_iters"])}),
         )
         E, R, t, inl, ok = (est[k] for k in ("E", "R", "t", "inliers", "ok"))
         if not bool(ok) or E is None:

@@ -264,3 +264,20 @@ def test_real_pair_shipped_model(entry_pair, name):
     # without RANSAC (weighted eight-point on the network weights) a pose is still returned
     res = mf.filter(p["kpts1"], p["kpts2"], p["K1"], p["K2"], refine=None, **side)
     assert res.ok and np.allclose(res.R @ res.R.T, np.eye(3), atol=1e-6), res.reason
+
+
+def test_ransac_max_iters_reaches_the_estimator(pair, monkeypatch):
+    import n3sets.robust as robust
+
+    seen = []
+    real = robust.estimate_essential
+
+    def spy(*args, **kw):
+        seen.append(kw.get("max_iters", robust.DEFAULT_MAX_ITERS))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(robust, "estimate_essential", spy)
+    args = (pair["kpts1"], pair["kpts2"], pair["K1"], pair["K2"])
+    assert MatchFilter(ConstantLogits(5.0)).filter(*args).ok
+    assert MatchFilter(ConstantLogits(5.0), ransac_max_iters=500).filter(*args, refine="magsac").ok
+    assert seen == [robust.DEFAULT_MAX_ITERS, 500]
