@@ -103,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the model options must match; ignored when --resume finds OUT/last.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if OUT already holds a run (its checkpoints are replaced); without "
+                        "it (and without --resume) such an OUT is refused, so that no run is lost")
     p.add_argument("--essential-after", type=int,
                    help="step after which the essential-matrix loss is added (-1 = never; Yi et al. 20000); "
                         "default -1 (120 for the synthetic default)")
@@ -421,6 +424,13 @@ def main(argv=None) -> dict:
     if world > 1:
         command = f"torchrun --nproc_per_node={world} " + command[len("python "):]
     out: Path = args.out
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume and --overwrite contradict each other: choose one")
+    existing = [f.name for f in (out / "last.pt", out / "best.pt") if f.is_file()]
+    # the embedded default is a demo that may be rerun freely; a real run is never replaced silently
+    if existing and args.train is not None and not (args.resume or args.overwrite):
+        raise SystemExit(f"--out {out} already holds a training run ({', '.join(existing)}): pass --resume to "
+                         "continue it, --overwrite to replace it, or choose another --out")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if args.train is None:

@@ -94,6 +94,20 @@ def test_resume_refuses_a_different_model(pipeline, tiny_data, tmp_path):
         pipeline.main(_args(tiny_data, out, "--epochs", "2", "--resume", "--channels", "16"))
 
 
+def test_existing_run_is_never_replaced_silently(pipeline, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    pipeline.main(_args(tiny_data, out, "--epochs", "1"))
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"already holds a training run.*--resume.*--overwrite"):
+        pipeline.main(_args(tiny_data, out, "--epochs", "2"))
+    assert (out / "last.pt").read_bytes() == before  # refused before anything was written
+    with pytest.raises(SystemExit, match="contradict"):
+        pipeline.main(_args(tiny_data, out, "--epochs", "2", "--resume", "--overwrite"))
+    pipeline.main(_args(tiny_data, out, "--epochs", "1", "--overwrite", "--seed", "1"))
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 1 and len(ckpt["commands"]) == 1 and "--overwrite" in ckpt["commands"][0]
+
+
 def test_torchrun_two_processes(tiny_data, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
