@@ -69,7 +69,6 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from n3sets.geometry import normalize_keypoints
     from n3sets.match_filter import MatchFilter
     from n3sets.robust import estimate_essential
 
@@ -79,17 +78,12 @@ def worker(args) -> dict:
     mf = None if method in BASELINES else MatchFilter.from_pretrained(model_name, ransac_max_iters=args.max_iters)
     refine = "ransac" if method.endswith("+ransac") else None
 
-    def normalized(p):
-        n1 = normalize_keypoints(torch.from_numpy(p["kpts1"]).double(), torch.from_numpy(p["K1"]))
-        n2 = normalize_keypoints(torch.from_numpy(p["kpts2"]).double(), torch.from_numpy(p["K2"]))
-        return n1, n2
-
     def run_pair(p):
         if mf is not None:
             side = dict(ratio=p["ratio"], mutual=p["mutual"]) if mf.side_info else {}
             res = mf.filter(p["kpts1"], p["kpts2"], p["K1"], p["K2"], refine=refine, **side)
             return res.ok
-        n1, n2 = normalized(p)
+        n1, n2 = p["xs"][:, :2], p["xs"][:, 2:]  # normalized coordinates, stored by data_prep
         if method == "ratio+magsac":
             keep = np.flatnonzero(p["ratio"] < RATIO_TEST)
             n1, n2 = n1[keep], n2[keep]
@@ -97,9 +91,8 @@ def worker(args) -> dict:
         return bool(est["ok"])
 
     def run_network(p):
-        side = dict(ratio=[p["ratio"]], mutual=[p["mutual"]]) if mf.side_info else {}
-        item = (p["kpts1"], p["kpts2"], p["K1"], p["K2"], side.get("ratio", [None])[0], side.get("mutual", [None])[0])
-        return mf._logits([item])
+        r, m = (p["ratio"], p["mutual"]) if mf.side_info else (None, None)
+        return mf._logits([(p["kpts1"], p["kpts2"], p["K1"], p["K2"], r, m)])
 
     baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run_pair(pairs[0])  # warm-up: lazy imports, allocator, OpenCV thread pool

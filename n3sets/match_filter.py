@@ -376,13 +376,14 @@ class MatchFilter:
             res.reason = (f"only {distinct} distinct matches have inlier probability > {threshold}; "
                           f"at least {MIN_MATCHES} are needed to estimate an essential matrix")
             return res
-        from .robust import estimate_essential
+        from .robust import DEFAULT_MAX_ITERS, estimate_essential
 
         idx = np.flatnonzero(kept)
+        max_iters = self.conf["ransac_max_iters"]
         est = estimate_essential(
             n1[idx], n2[idx], method=refine, threshold=self.conf["ransac_threshold"],
             confidence=self.conf["ransac_confidence"], seed=self.conf["seed"],
-            **({} if self.conf["ransac_max_iters"] is None else {"max_iters": int(self.conf["ransac_max_iters"])}),
+            max_iters=DEFAULT_MAX_ITERS if max_iters is None else int(max_iters),
         )
         E, R, t, inl, ok = (est[k] for k in ("E", "R", "t", "inliers", "ok"))
         if not bool(ok) or E is None:
