@@ -15,7 +15,12 @@ _EXPORTS = {
     # correspondence models
     "CNNet": "n3sets.models",
     "N3Net": "n3sets.models",
-    "context_norm": "n3sets.models",
+    "context_norm": "n3sets.layers",
+    "MaskedBatchNorm1d": "n3sets.layers",
+    "neighbour_volumes": "n3sets.engine",
+    "GlobalCandidates": "n3sets.engine",
+    "IndexedCandidates": "n3sets.engine",
+    "BlockedCandidates": "n3sets.engine",
     "model_inputs": "n3sets.models",
     "logits_to_weights": "n3sets.essential",
     "balanced_bce": "n3sets.losses",

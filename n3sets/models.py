@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from .essential import logits_to_weights, weighted_eight_point
 from .geometry import symmetric_epipolar_distance
+from .layers import MaskedBatchNorm1d, context_norm
+from .n3block import N3Block
 
 __all__ = ["CNNet", "N3Net", "context_norm", "MaskedBatchNorm1d", "model_inputs", "residual_features",
            "PADDED_LOGIT"]
@@ -46,65 +48,6 @@ def _check_inputs(x: torch.Tensor, mask: torch.Tensor | None, channels: int) -> 
     if mask.shape != (x.shape[0], x.shape[2]):
         raise ValueError(f"mask must have shape (B, N) = {(x.shape[0], x.shape[2])}, got {tuple(mask.shape)}")
     return mask.to(torch.bool)
-
-
-def context_norm(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-3) -> torch.Tensor:
-    """Context normalization: per-set, per-channel normalization over the valid items.
-
-    Args:
-        x: ``(B, C, N)`` features.
-        mask: optional ``(B, N)`` bool, True for valid items.
-        eps: added to the variance (Yi et al. use 1e-3; it also keeps sets of one item finite).
-
-    Returns:
-        ``(B, C, N)``; padded positions are set to 0.
-    """
-    if x.dim() != 3:
-        raise ValueError(f"x must have shape (B, C, N), got {tuple(x.shape)}")
-    if mask is None:
-        mean = x.mean(-1, keepdim=True)
-        var = x.var(-1, unbiased=False, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + eps)
-    if mask.shape != (x.shape[0], x.shape[2]):
-        raise ValueError(f"mask must have shape (B, N) = {(x.shape[0], x.shape[2])}, got {tuple(mask.shape)}")
-    valid = mask.unsqueeze(1)                                            # (B, 1, N)
-    count = valid.sum(-1, keepdim=True).clamp_min(1).to(x.dtype)
-    # padded items may hold anything (even inf/NaN, and 0 * inf = NaN): select, never multiply
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    xm = torch.where(valid, x, zero)
-    mean = xm.sum(-1, keepdim=True) / count
-    centered = torch.where(valid, x - mean, zero)
-    var = (centered ** 2).sum(-1, keepdim=True) / count
-    return centered * torch.rsqrt(var + eps)
-
-
-class MaskedBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d over ``(B, C, N)`` whose training statistics use the valid items only.
-
-    In eval mode the running statistics are applied per item, so padding cannot matter; in
-    training mode the batch mean/variance are taken over all valid items of all sets (padded
-    items would otherwise pull them towards whatever the padding holds). State-dict compatible
-    with :class:`torch.nn.BatchNorm1d`.
-    """
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is None or not self.training or not self.track_running_stats:
-            out = super().forward(x)
-            return out if mask is None else out * mask.unsqueeze(1).to(out.dtype)
-        m = mask.unsqueeze(1).to(x.dtype)
-        count = m.sum().clamp_min(1.0)
-        mean = (x * m).sum((0, 2)) / count
-        var = (((x - mean[None, :, None]) * m) ** 2).sum((0, 2)) / count
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            unbiased = var * (count / (count - 1.0).clamp_min(1.0))
-            self.running_mean.mul_(1 - momentum).add_(momentum * mean)
-            self.running_var.mul_(1 - momentum).add_(momentum * unbiased)
-        out = (x - mean[None, :, None]) * torch.rsqrt(var[None, :, None] + self.eps)
-        if self.affine:
-            out = out * self.weight[None, :, None] + self.bias[None, :, None]
-        return out * m
 
 
 class ResidualCNBlock(nn.Module):
@@ -292,8 +235,6 @@ class N3Net(CNNet):
 
     def __init__(self, conf: dict | None = None, _extra_inputs: int = 0, **kwargs):
         super().__init__(conf, _extra_inputs, **kwargs)
-        from .n3block import N3Block  # the block lives in its own module (helper A)
-
         conf = self.conf
         C, k = conf["channels"], conf["k"]
         if not 0 <= conf["n3_after"] <= conf["num_blocks"]:
