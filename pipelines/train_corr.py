@@ -25,19 +25,13 @@ DistributedSampler; validation is split across ranks and gathered; only rank 0 w
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
-import os
-import random
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -52,7 +46,11 @@ from n3sets.losses import CorrespondenceLoss, balanced_bce, essential_loss  # no
 from n3sets.metrics import classification_metrics, mean_average_precision  # noqa: E402
 from n3sets.models import CNNet, N3Net  # noqa: E402
 from n3sets.pose import pose_error, recover_pose  # noqa: E402
-from n3sets.pretrained import WEIGHTS_DIR, atomic_torch_save, save_model  # noqa: E402
+from n3sets.pretrained import WEIGHTS_DIR, save_model  # noqa: E402
+from n3sets.training import (all_reduce_sums, atomic_torch_save, barrier, check_out_dir,  # noqa: E402
+                             command_line, dist_setup, dist_teardown, export_target, gather_lists,
+                             load_checkpoint, progress_bar, rng_state, save_figure_atomic, scheduled_lr,
+                             seed_all, set_rng_state, write_logs)
 
 MODELS = {"cnnet": CNNet, "n3net": N3Net}
 
@@ -158,32 +156,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------
-# distributed helpers
-def dist_setup(threads: int | None):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // world)
-    torch.set_num_threads(threads)
-    return rank, world
-
-
-def barrier(world: int):
-    if world > 1:
-        dist.barrier()
-
-
-def gather_lists(obj: list, world: int) -> list:
-    if world == 1:
-        return obj
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return [x for part in out for x in part]
-
-
-# ----------------------------------------------------------------------------------------------
 def model_conf_from_args(args) -> dict:
     conf = {"side_info": bool(args.side_info)}
     if args.synthetic_default:
@@ -236,11 +208,7 @@ def validate(model, loader, rank: int, world: int, progress: bool) -> dict:
     """Pose errors from the weighted eight-point E of the predicted weights, gathered over ranks."""
     model.eval()
     rows = []  # per pair: (error_deg, cls_loss, ess_loss, precision, recall, f1)
-    it = loader
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(loader, desc="val", leave=False, dynamic_ncols=True, mininterval=2 if sys.stderr.isatty() else 30)
+    it = progress_bar(loader, "val", leave=False, tty_interval=2, log_interval=30) if progress else loader
     for batch in it:
         x, mask, label, x1, x2, E_gt = split_batch(batch)
         logits = model(x, mask)
@@ -273,33 +241,6 @@ def better(metrics: dict, best: dict | None) -> bool:
     return key(metrics) > key(best)
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def write_logs(out: Path, history: list, info: dict):
-    tmp = out / "log.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
-    os.replace(tmp, out / "log.csv")
-    tmp = out / "log.json.tmp"
-    tmp.write_text(json.dumps({**info, "history": history}, indent=2))
-    os.replace(tmp, out / "log.json")
-    try:
-        plot_curves(out / "curves.png", history)
-    except Exception as exc:  # a plot must never stop a training run
-        print(f"warning: could not write curves.png: {exc}", file=sys.stderr)
-
-
 def plot_curves(path: Path, history: list):
     import matplotlib
 
@@ -322,30 +263,20 @@ def plot_curves(path: Path, history: list):
     b.set_title("validation mAP")
     b.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def export_target(name: str) -> Path:
-    path = Path(name)
-    if path.suffix == ".pt" or len(path.parts) > 1:
-        return path
-    return WEIGHTS_DIR / f"{name}.pt"
+    save_figure_atomic(fig, path, dpi=100)
 
 
 def export_best(args, out: Path, command: str) -> Path:
     ckpt_path = out / "best.pt"
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"--export: no best checkpoint at {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(ckpt_path)
     model = MODELS[ckpt["model_name"]](ckpt["model_conf"])
     model.load_state_dict(ckpt["model"])
     best = ckpt["best"]
     last_path = out / "last.pt"
     # totals of the whole run (the best checkpoint only knows the epochs up to itself)
-    hist = torch.load(last_path, map_location="cpu", weights_only=False)["history"] if last_path.is_file() else ckpt["history"]
+    hist = load_checkpoint(last_path)["history"] if last_path.is_file() else ckpt["history"]
     meta = {
         "command": " && ".join(ckpt.get("commands", [ckpt.get("command", command)])),
         "export_command": command,
@@ -368,7 +299,7 @@ def export_best(args, out: Path, command: str) -> Path:
         "torch": str(torch.__version__),
         "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    target = export_target(args.export)
+    target = export_target(args.export, WEIGHTS_DIR)
     save_model(target, model, **meta)
     return target
 
@@ -412,25 +343,18 @@ def init_weights(model, model_name: str, source: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-def scheduled_lr(args, epoch):
+def lr_at(args, epoch: int) -> float:
     """Learning rate of 1-based ``epoch``: --lr times --lr-decay per milestone in --lr-decay-epochs reached."""
-    return args.lr * args.lr_decay ** sum(1 for m in args.lr_decay_epochs if epoch >= m)
+    return scheduled_lr(args.lr, args.lr_decay, args.lr_decay_epochs, epoch)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, world = dist_setup(args.threads)
-    command = "python pipelines/train_corr.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
-    if world > 1:
-        command = f"torchrun --nproc_per_node={world} " + command[len("python "):]
+    command = command_line("pipelines/train_corr.py", argv, world)
     out: Path = args.out
-    if args.resume and args.overwrite:
-        raise SystemExit("--resume and --overwrite contradict each other: choose one")
-    existing = [f.name for f in (out / "last.pt", out / "best.pt") if f.is_file()]
     # the embedded default is a demo that may be rerun freely; a real run is never replaced silently
-    if existing and args.train is not None and not (args.resume or args.overwrite):
-        raise SystemExit(f"--out {out} already holds a training run ({', '.join(existing)}): pass --resume to "
-                         "continue it, --overwrite to replace it, or choose another --out")
+    check_out_dir(out, args.resume, args.overwrite, exempt=args.train is None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if args.train is None:
@@ -438,9 +362,7 @@ def main(argv=None) -> dict:
         if rank == 0:
             print(f"synthetic default: data in {args.train.parent}, output in {out}")
 
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
+    seed_all(args.seed)
 
     max_matches = args.max_matches if args.max_matches and args.max_matches > 0 else None
     train_set = CorrespondenceDataset(args.train, side_info=args.side_info, max_matches=max_matches, seed=args.seed,
@@ -466,7 +388,7 @@ def main(argv=None) -> dict:
     commands = [command]  # every invocation that trained this run (a resume may change e.g. --essential-after)
     last_path, best_path = out / "last.pt", out / "best.pt"
     if args.resume and last_path.is_file():
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)  # written by this program
+        ckpt = load_checkpoint(last_path)  # written by this program
         if ckpt["model_name"] != args.model or MODELS[args.model].resolve_conf(ckpt["model_conf"]) != model.conf:
             raise SystemExit(f"--resume: {last_path} holds {ckpt['model_name']} {ckpt['model_conf']}, "
                              f"not {args.model} {model.conf}; use the same model options")
@@ -474,7 +396,7 @@ def main(argv=None) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         # the optimizer state carries the old learning rate; each epoch sets the scheduled one
         # from --lr and --lr-decay-epochs, so a resume may change it (e.g. once the essential loss is on)
-        old_lr, new_lr = optimizer.param_groups[0]["lr"], scheduled_lr(args, ckpt["epoch"] + 1)
+        old_lr, new_lr = optimizer.param_groups[0]["lr"], lr_at(args, ckpt["epoch"] + 1)
         if old_lr != new_lr and rank == 0:
             print(f"--resume: learning rate {old_lr:g} -> {new_lr:g}")
         start_epoch, step, history, best = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best"]
@@ -512,17 +434,13 @@ def main(argv=None) -> dict:
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
         for group in optimizer.param_groups:
-            group["lr"] = scheduled_lr(args, epoch + 1)
+            group["lr"] = lr_at(args, epoch + 1)
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         net.train()
         sums = {"loss": 0.0, "cls": 0.0, "ess": 0.0, "n": 0}
-        it = train_loader
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
-                      mininterval=1 if sys.stderr.isatty() else 60)
+        it = progress_bar(train_loader, f"epoch {epoch + 1}/{args.epochs}", tty_interval=1, log_interval=60) \
+            if progress else train_loader
         for batch in it:
             x, mask, label, x1, x2, E_gt = split_batch(batch)
             logits = net(x, mask, return_stages=True)  # a list: a loss on every stage
@@ -541,10 +459,7 @@ def main(argv=None) -> dict:
                 it.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}", ess="on" if criterion.essential_active(step) else "off",
                                 refresh=False)
         train_time += time.time() - t0
-        if world > 1:  # average the logged training losses over processes
-            t = torch.tensor([sums["loss"], sums["cls"], sums["ess"], sums["n"]], dtype=torch.float64)
-            dist.all_reduce(t)
-            sums = dict(zip(("loss", "cls", "ess", "n"), t.tolist()))
+        sums = all_reduce_sums(sums, world)  # average the logged training losses over processes
         metrics = validate(model, val_loader, rank, world, progress)
         n = max(sums["n"], 1)
         row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
@@ -567,7 +482,7 @@ def main(argv=None) -> dict:
             atomic_torch_save(ckpt, last_path)
             if is_best:
                 atomic_torch_save(ckpt, best_path)
-            write_logs(out, history, {**info, "data": data_info, "best": best})
+            write_logs(out, history, {**info, "data": data_info, "best": best}, CSV_FIELDS, plot_curves)
             print(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f}  val BCE {row['val_cls']:.4f}  "
                   f"mAP5 {row['mAP5']:.3f}  mAP10 {row['mAP10']:.3f}  mAP20 {row['mAP20']:.3f}  F1 {row['f1']:.3f}  "
                   f"({row['epoch_time_s']:.0f} s){'  *best*' if is_best else ''}", flush=True)
@@ -583,8 +498,7 @@ def main(argv=None) -> dict:
             summary["export"] = str(target)
             print(f"exported {best_path} -> {target} ({target.stat().st_size / 1e6:.2f} MB)")
     barrier(world)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist_teardown()
     return summary
 
 
