@@ -1,5 +1,81 @@
-"""Image restoration with N3 blocks (denoising, super-resolution).
+"""n3images: image restoration with N3 blocks (Ploetz & Roth, 2018): denoising and super-resolution.
 
-Built on :mod:`n3sets`' continuous KNN relaxation; depends on n3sets, never the other way round.
-The image models are not implemented yet (see the project's open issues).
+Built on :mod:`n3sets`' N3 engine (:func:`n3sets.engine.neighbour_volumes`); depends on n3sets,
+never the other way round. Public names are resolved lazily from their modules. Shipped image
+models live in ``n3images/weights/NAME.pt`` and load by name with :func:`load_model`.
 """
+import importlib
+from pathlib import Path
+
+_EXPORTS = {
+    "N3Block2d": "n3images.n3block2d",
+    "DnCNN": "n3images.models",
+    "N3NetDenoiser": "n3images.models",
+    "IMAGE_MODELS": "n3images.models",
+    "denoise_image": "n3images.inference",
+    "tiled_apply": "n3images.inference",
+    "psnr": "n3images.metrics",
+    "ssim": "n3images.metrics",
+    "read_image": "n3images.io",
+    "write_image": "n3images.io",
+    "list_images": "n3images.io",
+    "gaussian_noise": "n3images.noise",
+    "add_gaussian_noise": "n3images.noise",
+}
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+__all__ = sorted(_EXPORTS) + ["load_model", "available_models", "WEIGHTS_DIR"]
+
+
+def _register_weights() -> None:
+    from n3sets.pretrained import register_weights_dir
+
+    register_weights_dir(WEIGHTS_DIR)
+
+
+def load_model(name_or_path, map_location="cpu"):
+    """An image model from a shipped name (``"n3net-s25"``) or a weight file, in eval mode.
+
+    Raises:
+        FileNotFoundError: neither a file nor a shipped name (the message lists the image models).
+        ValueError: an unreadable file, or a model that is not an image model (e.g. a
+            correspondence model such as ``n3net-strecha``).
+    """
+    models = importlib.import_module("n3images.models")  # registers the image model classes
+    from n3sets.pretrained import load_model as _load
+    from n3sets.pretrained import resolve_weights
+
+    try:
+        path = resolve_weights(name_or_path)
+    except FileNotFoundError:
+        names = available_models()
+        raise FileNotFoundError(
+            f"no weight file {str(name_or_path)!r}: not an existing path and not a shipped image model "
+            f"(available: {', '.join(names) if names else 'none'}; shipped files live in {WEIGHTS_DIR})") from None
+    model = _load(path, map_location)
+    if not isinstance(model, tuple(models.IMAGE_MODELS.values())):
+        raise ValueError(f"{path} holds a {type(model).__name__} ({type(model).__module__}), which is not a denoiser; "
+                         f"image models are {', '.join(c.__name__ for c in models.IMAGE_MODELS.values())}")
+    return model
+
+
+_register_weights()
+
+
+def available_models() -> list:
+    """Names of the shipped image models (``n3images/weights/*.pt``)."""
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt")) if WEIGHTS_DIR.is_dir() else []
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'n3images' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,12 +1,14 @@
-"""Saving and loading correspondence models with their configuration.
+"""Saving and loading models (correspondence and, once registered, image models) with their configuration.
 
 A weight file is a ``torch.save`` dict::
 
-    {"format": "n3sets-model", "version": 1, "class": "N3Net", "conf": {...},
+    {"format": "n3sets-model", "version": 1, "class": "N3Net", "module": "n3sets.models", "conf": {...},
      "state_dict": {...}, "meta": {"command": ..., "data": ..., "epochs": ..., "val_mAP20": ...}}
 
-so ``load_model`` needs no flags. Shipped files live in ``n3sets/weights/NAME.pt`` and are
-loaded by name (``load_model("n3net-strecha")``); any path works too.
+so ``load_model`` needs no flags. Shipped files live in ``n3sets/weights/NAME.pt`` (and in the
+folders other packages register, e.g. ``n3images/weights``) and are loaded by name
+(``load_model("n3net-strecha")``); any path works too. Model classes outside this package are
+registered with :func:`register_model_class`; ``module`` says where to import them from.
 """
 from __future__ import annotations
 
@@ -17,27 +19,62 @@ from pathlib import Path
 import torch
 
 __all__ = ["save_model", "load_model", "read_weight_file", "check_weight_payload", "resolve_weights", "weights_name",
-           "available_models", "WEIGHTS_DIR", "MODEL_CLASSES"]
+           "available_models", "register_model_class", "register_weights_dir", "WEIGHTS_DIR", "WEIGHTS_DIRS",
+           "MODEL_CLASSES"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# folders searched for shipped names, in order; n3images adds its own on import
+WEIGHTS_DIRS = [WEIGHTS_DIR]
 FORMAT = "n3sets-model"
 VERSION = 1
+
+# class name -> class; the correspondence models are registered on first use, other packages
+# (n3images) register theirs with register_model_class when imported
+_REGISTRY: dict = {}
+MODEL_CLASSES = ("CNNet", "N3Net")  # the classes of this package (kept for older callers)
+
+
+def register_model_class(cls, name: str | None = None):
+    """Make ``cls`` savable and loadable by :func:`save_model` / :func:`load_model` (usable as a decorator)."""
+    name = name or cls.__name__
+    other = _REGISTRY.get(name)
+    if other is not None and other is not cls:
+        raise ValueError(f"model class name {name!r} is already registered for {other.__module__}.{other.__qualname__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def register_weights_dir(path) -> None:
+    """Add a folder of shipped weight files (``NAME.pt``) to the names :func:`resolve_weights` knows."""
+    path = Path(path).resolve()
+    if path not in WEIGHTS_DIRS:
+        WEIGHTS_DIRS.append(path)
 
 
 def _model_classes() -> dict:
     from .models import CNNet, N3Net
 
-    return {"CNNet": CNNet, "N3Net": N3Net}
+    for cls in (CNNet, N3Net):
+        _REGISTRY.setdefault(cls.__name__, cls)
+    return _REGISTRY
 
 
-MODEL_CLASSES = ("CNNet", "N3Net")
+def _class_for(payload: dict, path):
+    """The registered class of a weight file, importing the module that defines it when needed."""
+    name, module = payload.get("class"), payload.get("module")
+    classes = _model_classes()
+    if name not in classes and isinstance(module, str) and module.split(".")[0] in ("n3sets", "n3images"):
+        import importlib
+
+        importlib.import_module(module)  # registers its classes
+    if name not in classes:
+        raise ValueError(f"{path}: unknown model class {name!r} (known: {', '.join(sorted(classes))})")
+    return classes[name]
 
 
 def available_models() -> list[str]:
-    """Names of the shipped weight files (``n3sets/weights/*.pt`` without the suffix)."""
-    if not WEIGHTS_DIR.is_dir():
-        return []
-    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
+    """Names of the shipped weight files (``NAME.pt`` in every registered weights folder)."""
+    return sorted({p.stem for d in WEIGHTS_DIRS if d.is_dir() for p in d.glob("*.pt")})
 
 
 def weights_name(name_or_path: str) -> str:
@@ -55,13 +92,16 @@ def resolve_weights(name_or_path) -> Path:
     path = Path(os.fspath(name_or_path)).expanduser()
     if path.is_file():
         return path
-    shipped = WEIGHTS_DIR / f"{path.name}.pt" if path.suffix != ".pt" else WEIGHTS_DIR / path.name
-    if len(path.parts) == 1 and shipped.is_file():
-        return shipped
+    if len(path.parts) == 1:
+        for folder in WEIGHTS_DIRS:
+            shipped = folder / (path.name if path.suffix == ".pt" else f"{path.name}.pt")
+            if shipped.is_file():
+                return shipped
     names = available_models()
     raise FileNotFoundError(
         f"no weight file {str(name_or_path)!r}: not an existing path and not a shipped model name "
-        f"(available: {', '.join(names) if names else 'none'}; shipped files live in {WEIGHTS_DIR})")
+        f"(available: {', '.join(names) if names else 'none'}; shipped files live in "
+        f"{', '.join(str(d) for d in WEIGHTS_DIRS)})")
 
 
 def _plain(value, where: str):
@@ -114,13 +154,14 @@ def save_model(path, model: torch.nn.Module, **meta) -> Path:
     """
     model = getattr(model, "module", model)
     name = type(model).__name__
-    if name not in MODEL_CLASSES:
-        raise ValueError(f"model must be one of {MODEL_CLASSES}, got {name}")
+    if _model_classes().get(name) is not type(model):
+        raise ValueError(f"model must be one of the registered classes {sorted(_model_classes())}, got {name}")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "class": name,
+        "module": type(model).__module__,
         "conf": _plain(dict(model.conf), "conf"),
         "state_dict": state,
         "meta": _plain(dict(meta), "meta"),
@@ -143,8 +184,7 @@ def check_weight_payload(payload, path) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an n3sets model file (missing format={FORMAT!r}); "
                          "training checkpoints are exported with pipelines/train_corr.py --export")
-    if payload.get("class") not in MODEL_CLASSES:
-        raise ValueError(f"{path}: unknown model class {payload.get('class')!r}")
+    _class_for(payload, path)
     payload["path"] = str(path)
     return payload
 
@@ -152,7 +192,7 @@ def check_weight_payload(payload, path) -> dict:
 def load_model(name_or_path, map_location="cpu") -> torch.nn.Module:
     """Model from a shipped name or a weight file, in eval mode; ``model.meta`` holds the meta dict."""
     payload = read_weight_file(name_or_path, map_location)
-    model = _model_classes()[payload["class"]](payload["conf"])
+    model = _class_for(payload, payload["path"])(payload["conf"])
     model.load_state_dict(payload["state_dict"])
     model.meta = payload.get("meta", {})
     return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()

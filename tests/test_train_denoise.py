@@ -1,0 +1,107 @@
+"""pipelines/train_denoise.py: training loop, logs, exact resume, refusal to overwrite, export, DDP."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import n3images
+from n3images.io import write_image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "pipelines"))
+import train_denoise  # noqa: E402
+
+COMMON = ["--batch-size", "4", "--samples-per-epoch", "8", "--val-count", "2", "--threads", "1", "--no-progress",
+          "--device", "cpu"]
+N3 = ["--model", "n3net", "--depth", "3", "--features", "8", "--k", "2", "--crop", "16",
+      "--model-conf", json.dumps({"block": {"patch_size": 4, "stride": 2, "window": 5}})] + COMMON
+DN = ["--model", "dncnn", "--depth", "3", "--features", "8", "--crop", "16"] + COMMON
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Six structured 32x30 grey images (stripes and blobs), so that denoising can be learned."""
+    d = tmp_path_factory.mktemp("imgs")
+    yy, xx = np.mgrid[0:32, 0:30]
+    for i in range(6):
+        img = 0.5 + 0.4 * np.sin(xx * (0.3 + 0.1 * i) + yy * 0.2 * i) * np.cos(yy * 0.25)
+        write_image(d / f"img{i}.png", img.astype(np.float32))
+    return d
+
+
+def _run(args):
+    return train_denoise.main(args)
+
+
+def test_trains_logs_and_exports(images, tmp_path):
+    out = tmp_path / "run"
+    export = tmp_path / "tiny.pt"
+    s = _run(["--data", str(images), "--out", str(out), "--epochs", "2", "--export", str(export)] + N3)
+    assert s["epochs"] == 2 and np.isfinite(s["best"]["val_psnr"])
+    for f in ("last.pt", "best.pt", "log.csv", "log.json", "curves.png"):
+        assert (out / f).is_file(), f
+    log = json.loads((out / "log.json").read_text())
+    assert [h["epoch"] for h in log["history"]] == [1, 2] and log["history"][-1]["step"] == 4
+    model = n3images.load_model(export)
+    assert type(model).__name__ == "N3NetDenoiser"
+    assert model.meta["sigma"] == 25.0 and model.meta["steps"] >= 2 and model.meta["noise"] == "gaussian"
+    assert "train_denoise.py" in model.meta["command"]
+
+
+def test_resume_is_exact(images, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(["--data", str(images), "--out", str(a), "--epochs", "3"] + DN)
+    _run(["--data", str(images), "--out", str(b), "--epochs", "1"] + DN)
+    _run(["--data", str(images), "--out", str(b), "--epochs", "3", "--resume"] + DN)
+    sa = torch.load(a / "last.pt", weights_only=False)
+    sb = torch.load(b / "last.pt", weights_only=False)
+    assert sa["step"] == sb["step"] == 6
+    for key, value in sa["model"].items():
+        assert torch.equal(value, sb["model"][key]), key
+    assert [h["val_psnr"] for h in sa["history"]] == [h["val_psnr"] for h in sb["history"]]
+    assert len(sb["commands"]) == 2
+
+
+def test_refuses_to_overwrite_a_run(images, tmp_path):
+    out = tmp_path / "run"
+    _run(["--data", str(images), "--out", str(out), "--epochs", "1"] + DN)
+    with pytest.raises(SystemExit, match="already holds a training run"):
+        _run(["--data", str(images), "--out", str(out), "--epochs", "1"] + DN)
+    with pytest.raises(SystemExit, match="--crop"):  # an exact resume needs the same crops
+        _run(["--data", str(images), "--out", str(out), "--epochs", "2", "--resume"] + DN + ["--crop", "12"])
+
+
+def test_heteroscedastic_noise_trains(images, tmp_path):
+    s = _run(["--model", "dncnn", "--noise", "hetero", "--data", str(images), "--out", str(tmp_path / "h"),
+              "--epochs", "1"] + DN)
+    assert np.isfinite(s["best"]["val_psnr"])
+
+
+def test_bad_data_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _run(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")] + DN)
+    assert "--data" in capsys.readouterr().err
+    small = tmp_path / "small"
+    small.mkdir()
+    write_image(small / "a.png", np.zeros((8, 8), np.float32))
+    write_image(small / "b.png", np.zeros((8, 8), np.float32))
+    write_image(small / "c.png", np.zeros((8, 8), np.float32))
+    with pytest.raises(SystemExit, match="smaller than the crop"):
+        _run(["--data", str(small), "--out", str(tmp_path / "o2")] + DN + ["--val-count", "1"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(images, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631",
+           str(ROOT / "pipelines" / "train_denoise.py"), "--data", str(images), "--out", str(out), "--epochs", "1"] + DN
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 2 and "torchrun --nproc_per_node=2" in ckpt["command"]
