@@ -1,0 +1,227 @@
+#!/usr/bin/env python
+"""Denoise one image file with a trained image model.
+
+    python pipelines/denoise.py photo.png photo_denoised.png --weights n3net-s25
+    python pipelines/denoise.py scan.tif scan_clean.tif --weights runs/n3net_s50/n3net.pt --sigma 50 --tile 512
+
+Any size, grey or colour, 8/16-bit PNG or TIFF, JPEG, BMP (read with
+``n3images.io.read_image(IN, "auto")``; an alpha channel is dropped). A grey model denoises a
+colour image channel by channel; a colour model given a grey image denoises it as three equal
+channels and returns their mean. The image is processed in tiles of ``--tile`` pixels (same
+result as one pass, bounded memory). The models assume white Gaussian noise of the level they
+were trained for (``--sigma`` is only checked against the model's, never used).
+
+The output (``write_image``, atomic) has the bit depth of the input for PNG / TIFF output
+(16 for a float TIFF input) and 8 bits for JPEG, unless ``--bit-depth`` says otherwise. The input
+is never overwritten, and an existing OUT only with ``--overwrite``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from n3images.inference import DEFAULT_TILE, denoise_image
+from n3images.io import image_bit_depth, read_image, write_image
+from n3sets.pretrained import weights_name
+
+PROGRAM = "denoise.py"
+WRITE_SUFFIXES = {".png": (8, 16), ".tif": (8, 16), ".tiff": (8, 16), ".jpg": (8,), ".jpeg": (8,)}
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROGRAM, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", metavar="IN", help="noisy image (PNG, JPEG, TIFF, BMP; 8 or 16 bit; grey or colour)")
+    p.add_argument("output", metavar="OUT", help="denoised image to write (.png, .tif, .tiff, .jpg, .jpeg)")
+    p.add_argument("--weights", required=True, metavar="NAME_OR_PATH",
+                   help="image model: a shipped name (n3images.available_models()) or a weight file")
+    p.add_argument("--sigma", type=float, help="noise level of the image (0-255 scale); only checked against the model's")
+    p.add_argument("--bit-depth", type=int, choices=(8, 16),
+                   help="bits per sample of OUT (default: the input's for PNG/TIFF, 8 for JPEG)")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile side in pixels (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never IN)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    args = p.parse_args(argv)
+    if args.tile < 1:
+        p.error("--tile must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    if args.sigma is not None and not (math.isfinite(args.sigma) and 0 <= args.sigma <= 255):
+        p.error(f"--sigma {args.sigma:g}: must be in [0, 255] (0-255 scale)")
+    return args
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(inp: Path, out: Path, overwrite: bool, bit_depth: int | None) -> None:
+    """Everything about OUT that can be checked before the (slow) denoising."""
+    suffix = out.suffix.lower()
+    if suffix not in WRITE_SUFFIXES:
+        raise UsageError(f"OUT {out}: unsupported suffix {out.suffix or '(none)'}; use one of {', '.join(WRITE_SUFFIXES)}")
+    if bit_depth is not None and bit_depth not in WRITE_SUFFIXES[suffix]:
+        raise UsageError(f"--bit-depth {bit_depth}: {suffix} files are {'/'.join(map(str, WRITE_SUFFIXES[suffix]))}-bit")
+    if _same_file(inp, out):
+        raise UsageError(f"OUT {out} is the input file; write the result to another file")
+    if out.is_dir():
+        raise UsageError(f"OUT {out} is a folder; give a file name")
+    if out.exists() and not overwrite:
+        raise UsageError(f"OUT {out} exists; pass --overwrite to replace it")
+    probe = out.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"OUT {out}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"OUT {out}: folder {probe} is not writable")
+    try:  # os.access says yes to root everywhere: try it (the probe file is removed at once)
+        with tempfile.TemporaryFile(dir=probe, prefix=".denoise-probe-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"OUT {out}: cannot write to folder {probe} ({exc.strerror or exc})") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def sigma_warning(name: str, meta: dict, sigma: float | None) -> str | None:
+    """A warning when ``--sigma`` does not match what the model was trained for, else None."""
+    if sigma is None:
+        return None
+    noise, trained = meta.get("noise"), meta.get("sigma")
+    if noise == "hetero":
+        return (f"warning: model {name} is for heteroscedastic (raw-like) noise, not Gaussian noise of sigma {sigma:g}; "
+                "the output may be poor")
+    if isinstance(trained, (int, float)) and not isinstance(trained, bool) and trained != sigma:
+        how = "over-smoothed" if trained > sigma else "still noisy"
+        return (f"warning: model {name} is for sigma {trained:g}, but --sigma is {sigma:g}; "
+                f"the result may be {how} (use a model trained for sigma {sigma:g} if there is one)")
+    if trained is None:
+        return f"note: model {name} does not record the noise level it was trained for; --sigma {sigma:g} not checked"
+    return None
+
+
+class TileProgress:
+    """``progress(done, total)`` for denoise_image: tile counter on stderr."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.tty, self.last = enabled, sys.stderr.isatty(), 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self.tty:
+            print(f"\rdenoising: tile {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        elif done == total or now - self.last >= 5.0 or done == 1:
+            print(f"denoising: tile {done}/{total}", file=sys.stderr, flush=True)
+            self.last = now
+
+
+def load_image_model(spec: str):
+    """The image model of ``spec`` (UsageError naming it otherwise)."""
+    from n3images import load_model
+
+    try:
+        return load_model(spec)  # its errors name the file and list the shipped image models
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--weights {spec}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 -- a weight file that does not fit its class, etc.
+        raise UsageError(f"--weights {spec}: cannot load the model: {type(exc).__name__}: {exc}") from None
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    inp, out = Path(args.input), Path(args.output)
+    if not inp.exists():
+        raise UsageError(f"IN {inp}: no such file")
+    check_output(inp, out, args.overwrite, args.bit_depth)
+    try:
+        image = read_image(inp, "auto")
+        in_depth = image_bit_depth(inp)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(f"IN {inp}: {exc}") from None
+    if not np.isfinite(image).all():
+        raise UsageError(f"IN {inp}: the image holds NaN or infinite values")
+    device = resolve_device(args.device)
+    model = load_image_model(args.weights)
+    model = model.to(device).eval()
+    name = weights_name(args.weights)
+    message = sigma_warning(name, getattr(model, "meta", {}) or {}, args.sigma)
+    if message:
+        print(f"{PROGRAM}: {message}", file=sys.stderr)
+
+    suffix = out.suffix.lower()
+    bit_depth = args.bit_depth or (8 if WRITE_SUFFIXES[suffix] == (8,) else min(in_depth, 16))
+    grey_in = image.ndim == 2
+    model_channels = model.conf.get("channels", 1)
+    x = np.repeat(image[..., None], 3, axis=2) if (grey_in and model_channels == 3) else image
+
+    progress = TileProgress(not args.quiet)
+    t0 = time.perf_counter()
+    result = denoise_image(model, x, tile=args.tile, device=device, progress=progress)
+    elapsed = time.perf_counter() - t0
+    if grey_in and result.ndim == 3:
+        result = result.mean(axis=2)
+    result = np.clip(result, 0.0, 1.0)
+    try:
+        written = write_image(out, result, bit_depth=bit_depth, protect=inp)
+    except OSError as exc:
+        raise UsageError(f"OUT {out}: cannot write: {exc}") from None
+
+    h, w = image.shape[:2]
+    kind = "grey" if grey_in else "RGB"
+    print(f"{inp} ({w}x{h} {kind}, {in_depth}-bit) denoised with {name} on {device} in {elapsed:.2f} s "
+          f"-> {written} ({bit_depth}-bit)")
+    return {"input": str(inp), "output": str(written), "width": w, "height": h, "channels": 1 if grey_in else 3,
+            "input_bit_depth": in_depth, "bit_depth": bit_depth, "seconds": elapsed, "weights": name,
+            "device": str(device), "warning": message}
+
+
+def one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] + (" [...]" if len(lines) > 1 else "")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"{PROGRAM}: error: {one_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

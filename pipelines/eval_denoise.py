@@ -1,0 +1,438 @@
+#!/usr/bin/env python
+"""Evaluate grey-image denoisers (PSNR / SSIM) under the benchmark noise protocol.
+
+    python pipelines/eval_denoise.py --data ../shared/data/images/set12 ../shared/data/images/bsd68 \\
+        --sigma 25 50 --weights n3net-s25 dncnn-s25 --baselines bm3d,nlm --json results/denoise.json
+
+Protocol (:mod:`n3images.noise`): every image of a ``--data`` folder is read grey in ``[0, 1]``
+(``read_image(path, "gray")``) in sorted file order (``list_images``); the noisy input of the
+``i``-th image is ``add_gaussian_noise(img, sigma, i)`` (seeded with ``i``, not clipped). Every
+method's output -- and the ``noisy`` method, the noisy input itself -- is clipped to ``[0, 1]``
+before PSNR and SSIM (:mod:`n3images.metrics`) against the clean image.
+
+Methods: ``noisy``, the classical ``--baselines`` (``bm3d``, ``nlm``; they are told the true
+noise level) and one per ``--weights`` model, named by :func:`n3sets.pretrained.weights_name`
+(the shipped name or the file stem). The same weight file given twice is evaluated once.
+
+``--noise hetero``: the realistic raw-noise protocol instead. For each ``(a, b)`` of
+:data:`n3images.noise.HETERO_EVAL_PAIRS` the clean target is ``hetero_eval_target(img, i)`` (the
+image mapped towards raw intensities) and the input ``hetero_eval_noise(raw, a, b, i)`` (variance
+``a * x + b``); results are keyed ``"a=0.01,b=0.0001"`` instead of the sigma. The Gaussian
+baselines are given, per image, the root-mean-square noise level ``sigma = sqrt(mean(a * x + b))
+* 255`` over the clean raw image ``x`` (an oracle: the true noise-level function and the clean
+image; it is the sigma of white noise with the same total noise power).
+
+JSON (``--json``, written atomically)::
+
+    {"methods": {NAME: {"psnr", "ssim", "time_s"}},      # first dataset, first sigma (the contract)
+     "datasets": {DATASET: {"num_images": N, "sigma": {"25": {
+         "methods": {NAME: {"psnr": mean dB, "ssim": mean, "time_s": mean seconds per image}},
+         "per_image": {NAME: [psnr of image 0, 1, ...]},
+         "per_image_ssim": {NAME: [...]}}}}},
+     "settings": {...}}                                    # command, data, images, weights + meta, ...
+
+The level key is ``"sigma"`` for Gaussian noise and ``"noise_level"`` for ``--noise hetero``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from n3images import load_model
+from n3images.baselines import BASELINES
+from n3images.inference import DEFAULT_TILE, denoise_image
+from n3images.io import list_images, read_image, write_image
+from n3images.metrics import psnr, ssim
+from n3images.noise import HETERO_EVAL_PAIRS, add_gaussian_noise, hetero_eval_noise, hetero_eval_target
+from n3sets.pretrained import resolve_weights, weights_name
+
+PROGRAM = "eval_denoise.py"
+RESERVED = ("noisy", "clean", *BASELINES)
+MIN_SIDE = 11  # SSIM's 11x11 window
+
+
+class UsageError(ValueError):
+    """A bad argument or input: reported on one line, exit code 2."""
+
+
+def _baseline_list(text: str) -> list[str]:
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown baseline(s) {', '.join(unknown)}; known: {', '.join(BASELINES)}")
+    return names
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROGRAM, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", required=True, metavar="DIR", help="folders of clean test images")
+    p.add_argument("--sigma", type=float, nargs="+", metavar="S",
+                   help="Gaussian noise levels on the 0-255 scale (default 25; not with --noise hetero)")
+    p.add_argument("--noise", choices=["gaussian", "hetero"], default="gaussian")
+    p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME_OR_PATH",
+                   help="image models: shipped names (n3images.available_models()) or weight files; repeatable")
+    p.add_argument("--baselines", type=_baseline_list, action="extend", nargs="+", default=[], metavar="LIST",
+                   help=f"classical baselines from {{{','.join(BASELINES)}}}, comma- or space-separated (default: none)")
+    p.add_argument("--json", metavar="OUT.json", help="write the results here")
+    p.add_argument("--save-images", metavar="DIR",
+                   help="write every output as 8-bit PNG: DIR/<dataset>/s<sigma>/<method>/<image>.png")
+    p.add_argument("--max-images", type=int, metavar="N", help="only the first N images (sorted order) of each folder")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="inference tile side in pixels (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.noise == "hetero" and args.sigma is not None:
+        p.error("--sigma does not apply to --noise hetero (the noise levels are HETERO_EVAL_PAIRS)")
+    if args.sigma is None:
+        args.sigma = [25.0]
+    for s in args.sigma:
+        if not (math.isfinite(s) and 0 < s <= 255):
+            p.error(f"--sigma {s:g}: must be in (0, 255] (0-255 scale)")
+    if args.max_images is not None and args.max_images < 1:
+        p.error("--max-images must be >= 1")
+    if args.tile < 1:
+        p.error("--tile must be >= 1")
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
+    args.baselines = list(dict.fromkeys(n for group in args.baselines for n in group))
+    return args
+
+
+# ------------------------------------------------------------------------------------ set-up
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def load_image_model(spec: str, channels: int | None = 1):
+    """``(model, path)`` of an image denoiser; UsageError naming ``spec`` otherwise.
+
+    ``channels``: the image channels the data has (1 here); None accepts any model.
+    """
+    try:
+        model = load_model(spec)  # its errors name the file and list the shipped image models
+        path = resolve_weights(spec)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--weights {spec}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 -- a weight file that does not fit its class, etc.
+        raise UsageError(f"--weights {spec}: cannot load the model from {spec}: {type(exc).__name__}: {exc}") from None
+    model_channels = model.conf.get("channels", 1)
+    if channels is not None and model_channels != channels:
+        raise UsageError(
+            f"--weights {spec}: the model takes {model_channels}-channel (colour) images, but this evaluation "
+            f"uses {channels}-channel grey images; evaluate grey models only")
+    return model, path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_models(specs: list[str], device: torch.device) -> tuple[dict, dict, dict]:
+    """``(models, weights_info, duplicates)``; the same weight content given twice is loaded once."""
+    models, info, duplicates, by_hash, paths = {}, {}, {}, {}, {}
+    for spec in specs:
+        model, path = load_image_model(spec)
+        digest = _sha256(path)
+        name = weights_name(spec)
+        if digest in by_hash:
+            first = by_hash[digest]
+            duplicates[spec] = first
+            print(f"{PROGRAM}: note: --weights {spec} is the same weight file as {first!r} "
+                  f"(identical content); evaluated once, as {first!r}", file=sys.stderr)
+            continue
+        if name in RESERVED:
+            raise UsageError(f"--weights {spec}: the method name {name!r} is reserved ({', '.join(RESERVED)}); "
+                             "rename the weight file")
+        if name in models:
+            raise UsageError(f"--weights: two different weight files are both named {name!r} ({paths[name]} and "
+                             f"{path}); methods are named by file stem, so rename or copy one of them")
+        by_hash[digest], paths[name] = name, path
+        models[name] = model.to(device).eval()
+        info[name] = {
+            "spec": spec,
+            "path": str(path),
+            "sha256": digest,
+            "class": type(model).__name__,
+            "conf": model.conf,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "meta": getattr(model, "meta", {}) or {},
+        }
+    return models, info, duplicates
+
+
+def load_dataset(folder: str, max_images: int | None) -> tuple[list[Path], list[np.ndarray]]:
+    """Sorted image paths of ``folder`` and the grey images, all checked before any work."""
+    try:
+        paths = list_images(folder)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(f"--data {folder}: {exc}") from None
+    if max_images is not None:
+        paths = paths[:max_images]
+    images = []
+    for p in paths:
+        try:
+            img = read_image(p, "gray")
+        except (ValueError, FileNotFoundError) as exc:
+            raise UsageError(f"--data {folder}: {exc}") from None
+        if min(img.shape[:2]) < MIN_SIDE:
+            raise UsageError(f"--data {folder}: image {p} is {img.shape[1]}x{img.shape[0]}; "
+                             f"SSIM needs at least {MIN_SIDE}x{MIN_SIDE}")
+        if not np.isfinite(img).all():
+            raise UsageError(f"--data {folder}: image {p} holds NaN or infinite values")
+        images.append(img)
+    return paths, images
+
+
+def dataset_names(folders: list[str]) -> list[str]:
+    names = []
+    for folder in folders:
+        name = Path(folder).resolve().name or str(folder)
+        if name in names:
+            raise UsageError(f"--data: two folders are both named {name!r} ({folders[names.index(name)]} and {folder}); "
+                             "results are keyed by folder name")
+        names.append(name)
+    return names
+
+
+def noise_levels(args) -> list[tuple[str, str, dict]]:
+    """``(json key, folder name for --save-images, parameters)`` of every noise level."""
+    if args.noise == "gaussian":
+        return [(f"{s:g}", f"s{s:g}", {"sigma": float(s)}) for s in dict.fromkeys(args.sigma)]
+    return [(f"a={a:g},b={b:g}", f"a{a:g}_b{b:g}", {"a": float(a), "b": float(b)}) for a, b in HETERO_EVAL_PAIRS]
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail now, not after the evaluation, when ``path`` (a file or folder to be) cannot be written."""
+    parent = path if what == "--save-images" else path.parent
+    probe = parent
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"{what} {path}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: folder {probe} is not writable")
+    try:  # os.access says yes to root everywhere: try it (the probe file is removed at once)
+        with tempfile.TemporaryFile(dir=probe, prefix=".eval-denoise-probe-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: cannot write to folder {probe} ({exc.strerror or exc})") from None
+    if what == "--json" and path.is_dir():
+        raise UsageError(f"--json {path}: is a folder")
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+def make_pair(img: np.ndarray, index: int, level: dict) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(clean target, noisy input, sigma for the Gaussian baselines)`` of the ``index``-th image."""
+    if "sigma" in level:
+        return img, add_gaussian_noise(img, level["sigma"], index), level["sigma"]
+    a, b = level["a"], level["b"]
+    raw = hetero_eval_target(torch.from_numpy(img)[None, None], index)
+    noisy = hetero_eval_noise(raw, a, b, index)
+    raw_np = raw[0, 0].numpy()
+    sigma = math.sqrt(float(np.mean(a * np.maximum(raw_np.astype(np.float64), 0) + b))) * 255
+    return raw_np, noisy[0, 0].numpy(), sigma
+
+
+def _image_file_names(paths: list[Path]) -> list[str]:
+    stems = [p.stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return [f"{s}.png" for s in stems]
+    return [f"{p.name}.png" for p in paths]  # a.png and a.jpg in one folder: keep the suffix
+
+
+def evaluate_level(images, level, methods, save_dir: Path | None, file_names, progress_desc, quiet, tile, device):
+    """Scores of every method on every image at one noise level."""
+    per_psnr = {name: [] for name in methods}
+    per_ssim = {name: [] for name in methods}
+    per_time = {name: [] for name in methods}
+    sigmas = []
+    it = range(len(images))
+    if not quiet:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc=progress_desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+    for i in it:
+        clean, noisy, sigma = make_pair(images[i], i, level)
+        sigmas.append(sigma)
+        if save_dir is not None:
+            write_image(save_dir / "clean" / file_names[i], np.clip(clean, 0, 1))
+        for name, (kind, obj) in methods.items():
+            t0 = time.perf_counter()
+            if kind == "noisy":
+                out = noisy
+            elif kind == "baseline":
+                out = obj(noisy, sigma)
+            else:
+                out = denoise_image(obj, noisy, tile=tile, device=device)
+            elapsed = time.perf_counter() - t0 if kind != "noisy" else 0.0
+            out = np.clip(np.asarray(out, dtype=np.float64), 0.0, 1.0)
+            per_psnr[name].append(psnr(out, clean))
+            per_ssim[name].append(ssim(out, clean))
+            per_time[name].append(elapsed)
+            if save_dir is not None:
+                write_image(save_dir / name / file_names[i], out)
+    summary = {name: {"psnr": float(np.mean(per_psnr[name])), "ssim": float(np.mean(per_ssim[name])),
+                      "time_s": float(np.mean(per_time[name]))} for name in methods}
+    out = {"methods": summary, "per_image": per_psnr, "per_image_ssim": per_ssim}
+    if "sigma" not in level:
+        out["baseline_sigma"] = sigmas  # the per-image sigma the Gaussian baselines were given
+    return out
+
+
+def format_table(methods: dict) -> str:
+    rows = ["| method | PSNR | SSIM | s/image |", "|---|---:|---:|---:|"]
+    for name, m in methods.items():
+        rows.append(f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['time_s']:.3f} |")
+    return "\n".join(rows)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, indent=1) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _model_notes(models_info: dict, args) -> None:
+    for name, info in models_info.items():
+        meta = info["meta"]
+        trained_noise, trained_sigma = meta.get("noise"), meta.get("sigma")
+        if args.noise == "gaussian" and trained_noise == "hetero":
+            print(f"{PROGRAM}: note: {name} was trained for heteroscedastic noise, evaluated on Gaussian noise",
+                  file=sys.stderr)
+        elif args.noise == "hetero" and trained_noise not in (None, "hetero"):
+            print(f"{PROGRAM}: note: {name} was trained for {trained_noise} noise"
+                  f"{f' (sigma {trained_sigma:g})' if isinstance(trained_sigma, (int, float)) else ''}, "
+                  "evaluated on heteroscedastic noise", file=sys.stderr)
+        elif args.noise == "gaussian" and isinstance(trained_sigma, (int, float)):
+            other = [s for s in args.sigma if s != trained_sigma]
+            if other:
+                print(f"{PROGRAM}: note: {name} was trained for sigma {trained_sigma:g}; also evaluated at sigma "
+                      f"{', '.join(f'{s:g}' for s in other)}", file=sys.stderr)
+
+
+def run(args, argv) -> dict:
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    names = dataset_names(args.data)
+    if args.json:
+        check_writable(Path(args.json), "--json")
+    if args.save_images:
+        check_writable(Path(args.save_images), "--save-images")
+    # everything is loaded and checked before the first (slow) evaluation
+    datasets = {name: load_dataset(folder, args.max_images) for name, folder in zip(names, args.data)}
+    models, weights_info, duplicates = load_models(args.weights, device)
+    _model_notes(weights_info, args)
+    methods = {"noisy": ("noisy", None)}
+    methods.update({b: ("baseline", BASELINES[b]) for b in args.baselines})
+    methods.update({n: ("model", m) for n, m in models.items()})
+    levels = noise_levels(args)
+    level_key = "sigma" if args.noise == "gaussian" else "noise_level"
+
+    start = time.perf_counter()
+    results = {}
+    for (dname, (paths, images)), folder in zip(datasets.items(), args.data):
+        file_names = _image_file_names(paths)
+        results[dname] = {"folder": str(folder), "num_images": len(images), level_key: {}}
+        for key, sub, level in levels:
+            save_dir = Path(args.save_images) / dname / sub if args.save_images else None
+            res = evaluate_level(images, level, methods, save_dir, file_names, f"{dname} {key}", args.quiet,
+                                 args.tile, device)
+            results[dname][level_key][key] = res
+            label = f"sigma {key}" if args.noise == "gaussian" else f"hetero {key}"
+            print(f"\n{dname} ({len(images)} images), {label}:")
+            print(format_table(res["methods"]), flush=True)
+    elapsed = time.perf_counter() - start
+
+    first_ds = next(iter(results.values()))
+    first = first_ds[level_key][levels[0][0]]["methods"]
+    settings = {
+        "command": " ".join(["python", f"pipelines/{PROGRAM}"] + (sys.argv[1:] if argv is None else list(argv))),
+        "noise": args.noise,
+        "protocol": ("gaussian: add_gaussian_noise(img, sigma, i), outputs clipped to [0, 1]"
+                     if args.noise == "gaussian" else
+                     "hetero: target hetero_eval_target(img, i), input hetero_eval_noise(target, a, b, i), outputs "
+                     "clipped to [0, 1]; Gaussian baselines given sigma = sqrt(mean(a * target + b)) * 255 per image"),
+        "data": {name: str(folder) for name, folder in zip(names, args.data)},
+        "images": {name: [p.name for p in paths] for name, (paths, _) in datasets.items()},
+        "max_images": args.max_images,
+        "read_mode": "gray",
+        level_key: ([float(s) for s in dict.fromkeys(args.sigma)] if args.noise == "gaussian"
+                    else [{"key": k, **lv} for k, _, lv in levels]),
+        "baselines": args.baselines,
+        "weights": weights_info,
+        "weights_duplicates": duplicates,
+        "tile": args.tile,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": str(torch.__version__),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "seconds": elapsed,
+        "first": {"dataset": next(iter(results)), level_key: levels[0][0]},
+    }
+    out = {"methods": first, "datasets": results, "settings": settings}
+    if args.json:
+        write_json(Path(args.json), out)
+        print(f"wrote {args.json}")
+    if args.save_images:
+        print(f"images in {args.save_images}")
+    return out
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an error message (torch's unpickling errors run over many lines)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] + (" [...]" if len(lines) > 1 else "")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        return run(args, argv)
+    except (UsageError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"{PROGRAM}: error: {one_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
