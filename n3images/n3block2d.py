@@ -195,14 +195,16 @@ class N3Block2d(nn.Module):
         """The execution path ``impl="auto"`` picks for ``batch`` images of a ``gh x gw`` patch grid.
 
         Dense (autograd keeps every block's weights) while ``B * L * U`` distance entries stay
-        below ``AUTO_DENSE_MAX_ENTRIES`` or no gradient is recorded; chunked (blocks recomputed in
-        the backward) beyond.
+        below ``AUTO_DENSE_MAX_ENTRIES``; chunked (blocks recomputed in the backward) beyond, and
+        whenever no gradient is recorded (it writes the volumes in place instead of
+        concatenating the blocks' results).
         """
         if self.conf["impl"] != "auto":
             return self.conf["impl"]
+        if not torch.is_grad_enabled():
+            return "chunked"
         union = min(gh, self.conf["tile"] + self.conf["window"] - 1) * min(gw, self.conf["tile"] + self.conf["window"] - 1)
-        small = batch * gh * gw * union <= AUTO_DENSE_MAX_ENTRIES
-        return "dense" if small or not torch.is_grad_enabled() else "chunked"
+        return "dense" if batch * gh * gw * union <= AUTO_DENSE_MAX_ENTRIES else "chunked"
 
     def _check(self, x, guide):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -235,21 +237,23 @@ class N3Block2d(nn.Module):
         else:
             emb_map = x if guide is None else guide.to(x.dtype)
         xp = pad_to_grid(x, p, s)
-        emb = im2col(pad_to_grid(emb_map, p, s), p, s)  # (B, E*p*p, L)
-        feat = im2col(xp, p, s)  # (B, C*p*p, L)
-        # patches tile by tile, so that a tile's shared search window is one dense block
+        # patches tile by tile, so that a tile's shared search window is one dense block; the
+        # reordering gathers patch rows, and the (B, D, L) views it hands the engine are the
+        # transposes of contiguous (B, L, D) tensors, the item-major form the engine works in
         order, layout = window_blocks(gh, gw, c["window"], c["tile"], device=x.device)
-        emb, feat = emb[:, :, order], feat[:, :, order]
+        emb = im2col(pad_to_grid(emb_map, p, s), p, s).transpose(1, 2).index_select(1, order).transpose(1, 2)
+        feat = im2col(xp, p, s).transpose(1, 2).index_select(1, order).transpose(1, 2)
         L = gh * gw
         impl = self.resolve_impl(B, gh, gw)
         temp = None
         if self.temperature is not None:
             t_map = pad_to_grid(self.temperature(x), p, s)
-            temp = positive_temperature(patch_centres(t_map, p, s), c["init_temperature"])[:, order]
+            temp = positive_temperature(patch_centres(t_map, p, s), c["init_temperature"]).index_select(-1, order)
             if self.distance_norm is not None:
                 temp = self.distance_norm.effective_temperature(temp, emb, layout, None)
         vol = neighbour_volumes(emb, emb, feat, temp, k, layout, impl=impl, relaxation=c["relaxation"])
-        vol = vol[..., torch.argsort(order)]  # (B, k, C*p*p, L) back in grid order
+        # back in grid order (rows of the (B, k, L, C*p*p) view): (B, k, C*p*p, L)
+        vol = vol.transpose(-1, -2).index_select(2, torch.argsort(order)).transpose(-1, -2)
         size = xp.shape[-2:]
         imgs = col2im(vol.reshape(B * k, C * p * p, L), size, p, s)[..., :H, :W]
         return torch.cat([x, imgs.reshape(B, k * C, H, W)], dim=1)

@@ -262,15 +262,23 @@ class BlockedCandidates:
     def chunks(self, Q, chunk):
         return list(zip(self.starts[:-1], self.starts[1:]))
 
-    prepare = staticmethod(GlobalCandidates.prepare)
-    unprepare = staticmethod(GlobalCandidates.unprepare)
+    # item-major (B, N, X), as IndexedCandidates: a block's union is a gather of contiguous rows
+    prepare = staticmethod(IndexedCandidates.prepare)
+    unprepare = staticmethod(IndexedCandidates.unprepare)
 
     def _union(self, x, start):
-        return x.index_select(-1, self.members[self._block[start]])  # (B, X, U)
+        return x.index_select(1, self.members[self._block[start]])  # (B, U, X)
 
     def distances(self, query, cand, start, stop):
-        """``(B, Q_block, U)`` squared distances of a block's queries to its candidates, and the mask."""
-        dist = pairwise_sq_dist(query[:, :, start:stop], self._union(cand, start))
+        """``(B, Q_block, U)`` squared distances of a block's queries to its candidates, and the mask.
+
+        ``query (B, Q, E)``, ``cand (B, N, E)`` (prepared).
+        """
+        q, c = query[:, start:stop], self._union(cand, start)
+        # |q|^2 + |c|^2 - 2 q.c in one batched GEMM, as pairwise_sq_dist
+        qq = (q * q).sum(-1).unsqueeze(-1)
+        cc = (c * c).sum(-1).unsqueeze(-2)
+        dist = torch.baddbmm(qq + cc, q, c.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
         return dist, self.masks[self._block[start]].unsqueeze(0).expand_as(dist)
 
     def weights(self, query, cand, temp, start, stop, k, relaxation):
@@ -279,17 +287,18 @@ class BlockedCandidates:
 
     def aggregate(self, W, feat, start, stop):
         B, k, Q, U = W.shape
-        vol = torch.bmm(W.reshape(B, k * Q, U), self._union(feat, start).transpose(1, 2))  # (B, k*Q, F)
+        vol = torch.bmm(W.reshape(B, k * Q, U), self._union(feat, start))  # (B, k*Q, F)
         return vol.view(B, k, Q, -1).transpose(-1, -2)
 
     def add_feat_grad(self, g_feat, W, g_vol, start, stop):
         B, k, Q, U = W.shape
-        g = torch.bmm(g_vol.permute(0, 2, 1, 3).reshape(B, -1, k * Q), W.reshape(B, k * Q, U))  # (B, F, U)
-        g_feat.index_add_(-1, self.members[self._block[start]], g)
+        gv = g_vol.transpose(-1, -2).reshape(B, k * Q, -1)  # (B, k*Q, F)
+        g_feat.index_add_(1, self.members[self._block[start]], torch.bmm(W.reshape(B, k * Q, U).transpose(1, 2), gv))
 
     def weight_grad(self, g_vol, feat, start, stop):
         B, k, F, Q = g_vol.shape
-        return torch.bmm(g_vol.transpose(-1, -2).reshape(B, k * Q, F), self._union(feat, start)).view(B, k, Q, -1)
+        gv = g_vol.transpose(-1, -2).reshape(B, k * Q, F)
+        return torch.bmm(gv, self._union(feat, start).transpose(1, 2)).view(B, k, Q, -1)
 
 
 def _chunk_volumes(layout, query, cand, temp, feat, start, stop, k, relaxation):
@@ -304,7 +313,8 @@ class _ChunkedVolumes(torch.autograd.Function):
     def forward(ctx, query, cand, temp, feat, layout, k, chunk, relaxation):
         B, F = feat.shape[:2]
         Q = query.shape[-1]
-        out = feat.new_empty(B, k, F, Q)
+        # (B, k, Q, F) memory, returned as the (B, k, F, Q) view: each chunk writes whole rows
+        out = feat.new_empty(B, k, Q, F).transpose(-1, -2)
         ctx.same = cand is query
         with torch.no_grad():
             q, f = layout.prepare(query), layout.prepare(feat)
