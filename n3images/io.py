@@ -88,7 +88,8 @@ def read_image(path, mode: str = "auto") -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def _same_path(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file (also through links or another spelling)."""
     if os.path.realpath(a) == os.path.realpath(b):
         return True
     try:
@@ -123,7 +124,7 @@ def write_image(path, img, bit_depth: int = 8, protect=None) -> Path:
     if protect is not None:
         protected = [protect] if isinstance(protect, (str, os.PathLike)) else list(protect)
         for p in protected:
-            if _same_path(path, Path(p)):
+            if same_file(path, Path(p)):
                 raise ValueError(f"refusing to overwrite protected file {p} (writing {path})")
 
     if hasattr(img, "detach"):  # torch tensor, without importing torch here

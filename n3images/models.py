@@ -17,24 +17,14 @@ Architecture facts of the published denoising N3Net that :class:`N3NetDenoiser` 
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
+
+from n3sets.models import merge_conf
 
 from .n3block2d import N3Block2d
 
 __all__ = ["DnCNNStage", "DnCNN", "N3NetDenoiser", "IMAGE_MODELS"]
-
-
-def _merge_conf(default: dict, conf: dict | None, kwargs: dict) -> dict:
-    merged = copy.deepcopy(default)
-    for source in (conf or {}, kwargs):
-        for key, value in source.items():
-            if key not in merged:
-                raise ValueError(f"unknown configuration key {key!r}; known: {sorted(merged)}")
-            merged[key] = {**merged[key], **value} if isinstance(merged[key], dict) and isinstance(value, dict) else value
-    return merged
 
 
 def _check_image(x: torch.Tensor, channels: int, name: str) -> None:
@@ -99,7 +89,7 @@ class DnCNN(nn.Module):
 
     def __init__(self, conf: dict | None = None, **kwargs):
         super().__init__()
-        self.conf = conf = _merge_conf(self.default_conf, conf, kwargs)
+        self.conf = conf = merge_conf(self.default_conf, conf, kwargs)
         self.stage = DnCNNStage(conf["channels"], conf["channels"], conf["depth"], conf["features"], conf["bn_momentum"])
 
     @property
@@ -150,7 +140,7 @@ class N3NetDenoiser(nn.Module):
 
     def __init__(self, conf: dict | None = None, **kwargs):
         super().__init__()
-        self.conf = conf = _merge_conf(self.default_conf, conf, kwargs)
+        self.conf = conf = merge_conf(self.default_conf, conf, kwargs)
         if conf["stages"] < 1:
             raise ValueError(f"N3NetDenoiser: stages must be >= 1, got {conf['stages']}")
         if conf["match_on"] not in ("features", "input"):

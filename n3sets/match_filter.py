@@ -31,6 +31,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .training import resolve_device
+
 __all__ = ["MatchFilter", "FilterResult", "MIN_MATCHES"]
 
 #: The eight-point algorithm (and OpenCV's five-point RANSAC, which needs 5 but is unstable with
@@ -150,17 +152,6 @@ def _check_side(x, name: str, n: int) -> np.ndarray:
     return arr
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None or device == "cpu":
-        return torch.device("cpu")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was requested but CUDA is not available; use device='cpu' or 'auto'")
-    return dev
-
-
 def _distinct_matches(x1: np.ndarray, x2: np.ndarray) -> int:
     """Number of distinct (x1, x2) correspondences (duplicates add no constraint to E)."""
     if x1.shape[0] == 0:
@@ -201,7 +192,7 @@ class MatchFilter:
         if unknown:
             raise ValueError(f"unknown MatchFilter option(s) {sorted(unknown)}; known: {sorted(self.default_conf)}")
         self.conf = {**self.default_conf, **conf}
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.name = getattr(model, "name", type(model).__name__)
 

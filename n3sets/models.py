@@ -74,7 +74,8 @@ class ResidualCNBlock(nn.Module):
         return f"channels={self.channels}"
 
 
-def _merge_conf(default: dict, conf: dict | None, kwargs: dict) -> dict:
+def merge_conf(default: dict, conf: dict | None, kwargs: dict) -> dict:
+    """``default`` updated by ``conf`` then ``kwargs`` (nested dicts merged); unknown keys raise ValueError."""
     merged = copy.deepcopy(default)
     for source in (conf or {}, kwargs):
         for key, value in source.items():
@@ -118,7 +119,7 @@ class CNNet(nn.Module):
         Lets a stored configuration from an older version, without keys added since, be compared
         with a model's ``conf``.
         """
-        conf = _merge_conf(cls.default_conf, conf, kwargs)
+        conf = merge_conf(cls.default_conf, conf, kwargs)
         expected = 6 if conf["side_info"] else 4
         if conf["in_channels"] is None:
             conf["in_channels"] = expected
@@ -132,7 +133,7 @@ class CNNet(nn.Module):
             fixed = {"side_info", "in_channels", "refine_stage"} & set(refine)
             if fixed:
                 raise ValueError(f"refine_stage cannot override {sorted(fixed)} (set by the first stage)")
-            _merge_conf(cls.default_conf, refine, {})  # unknown keys fail here, naming the key
+            merge_conf(cls.default_conf, refine, {})  # unknown keys fail here, naming the key
         return conf
 
     def __init__(self, conf: dict | None = None, _extra_inputs: int = 0, **kwargs):

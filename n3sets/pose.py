@@ -5,7 +5,6 @@ to camera 2 as ``X2 = R X1 + t`` and ``E = [t]_x R``, so ``x2^T E x1 = 0``.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

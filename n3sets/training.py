@@ -22,9 +22,33 @@ import torch.distributed as dist
 
 from .pretrained import atomic_torch_save
 
-__all__ = ["dist_setup", "dist_teardown", "barrier", "gather_lists", "all_reduce_sums", "seed_all", "rng_state",
+__all__ = ["resolve_device", "dist_setup", "dist_teardown", "barrier", "gather_lists", "all_reduce_sums", "seed_all", "rng_state",
            "set_rng_state", "progress_bar", "write_logs", "save_figure_atomic", "check_out_dir", "scheduled_lr",
            "export_target", "command_line", "load_checkpoint", "atomic_torch_save"]
+
+
+def resolve_device(device=None, rank: int = 0) -> torch.device:
+    """``None``/``"cpu"``: the CPU; ``"auto"``: CUDA when available, else the CPU; or any torch device string.
+
+    A CUDA device without an index is GPU ``rank % device_count`` (one GPU per process under
+    torchrun). Raises ValueError naming the request when it is malformed or CUDA is missing.
+    """
+    if device is None:
+        return torch.device("cpu")
+    name = str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r}: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was requested but CUDA is not available on this machine; "
+                             "use 'cpu' or 'auto'")
+        if dev.index is None:
+            dev = torch.device("cuda", rank % torch.cuda.device_count())
+    return dev
 
 
 # ----------------------------------------------------------------------------------------------

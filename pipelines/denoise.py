@@ -28,9 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 from n3images.inference import DEFAULT_TILE, denoise_image
-from n3images.io import image_bit_depth, read_image, write_image
+from n3images.io import image_bit_depth, read_image, same_file, write_image
 from n3sets.pretrained import weights_name
+from n3sets.training import resolve_device
 
 PROGRAM = "denoise.py"
 WRITE_SUFFIXES = {".png": (8, 16), ".tif": (8, 16), ".tiff": (8, 16), ".jpg": (8,), ".jpeg": (8,)}
@@ -64,15 +66,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def check_output(inp: Path, out: Path, overwrite: bool, bit_depth: int | None) -> None:
     """Everything about OUT that can be checked before the (slow) denoising."""
     suffix = out.suffix.lower()
@@ -80,7 +73,7 @@ def check_output(inp: Path, out: Path, overwrite: bool, bit_depth: int | None) -
         raise UsageError(f"OUT {out}: unsupported suffix {out.suffix or '(none)'}; use one of {', '.join(WRITE_SUFFIXES)}")
     if bit_depth is not None and bit_depth not in WRITE_SUFFIXES[suffix]:
         raise UsageError(f"--bit-depth {bit_depth}: {suffix} files are {'/'.join(map(str, WRITE_SUFFIXES[suffix]))}-bit")
-    if _same_file(inp, out):
+    if same_file(inp, out):
         raise UsageError(f"OUT {out} is the input file; write the result to another file")
     if out.is_dir():
         raise UsageError(f"OUT {out} is a folder; give a file name")
@@ -100,16 +93,11 @@ def check_output(inp: Path, out: Path, overwrite: bool, bit_depth: int | None) -
         raise UsageError(f"OUT {out}: cannot write to folder {probe} ({exc.strerror or exc})") from None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+def pick_device(name: str) -> torch.device:
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
+        return resolve_device(name)
+    except ValueError as exc:
         raise UsageError(f"--device {name}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def sigma_warning(name: str, meta: dict, sigma: float | None) -> str | None:
@@ -172,7 +160,7 @@ def run(args) -> dict:
         raise UsageError(f"IN {inp}: {exc}") from None
     if not np.isfinite(image).all():
         raise UsageError(f"IN {inp}: the image holds NaN or infinite values")
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     model = load_image_model(args.weights)
     model = model.to(device).eval()
     name = weights_name(args.weights)

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 from n3images import load_model
 from n3images.baselines import BASELINES
 from n3images.inference import DEFAULT_TILE, denoise_image
@@ -56,6 +57,7 @@ from n3images.io import list_images, read_image, write_image
 from n3images.metrics import psnr, ssim
 from n3images.noise import HETERO_EVAL_PAIRS, add_gaussian_noise, hetero_eval_noise, hetero_eval_target
 from n3sets.pretrained import resolve_weights, weights_name
+from n3sets.training import resolve_device
 
 PROGRAM = "eval_denoise.py"
 RESERVED = ("noisy", "clean", *BASELINES)
@@ -113,16 +115,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------ set-up
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+def pick_device(name: str) -> torch.device:
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
+        return resolve_device(name)
+    except ValueError as exc:
         raise UsageError(f"--device {name}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def load_image_model(spec: str, channels: int | None = 1):
@@ -350,7 +347,7 @@ def _model_notes(models_info: dict, args) -> None:
 
 def run(args, argv) -> dict:
     torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     names = dataset_names(args.data)
     if args.json:
         check_writable(Path(args.json), "--json")

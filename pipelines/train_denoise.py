@@ -43,7 +43,7 @@ from n3images.models import IMAGE_MODELS
 from n3images.noise import (HETERO_EVAL_PAIRS, add_gaussian_noise, hetero_eval_noise, hetero_eval_target,
                             heteroscedastic_noise, sample_raw_params, to_raw, training_gaussian_noise)
 from n3sets.pretrained import save_model
-from n3sets.training import (all_reduce_sums, atomic_torch_save, barrier, check_out_dir, command_line, dist_setup,
+from n3sets.training import (all_reduce_sums, resolve_device, atomic_torch_save, barrier, check_out_dir, command_line, dist_setup,
                              dist_teardown, export_target, gather_lists, load_checkpoint, progress_bar, rng_state,
                              save_figure_atomic, scheduled_lr, seed_all, set_rng_state, write_logs)
 
@@ -207,23 +207,15 @@ def export_best(args, out: Path, command: str) -> Path:
     return target
 
 
-def resolve_device(name: str, rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device {name}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    return device
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, world = dist_setup(args.threads)
-    device = resolve_device(args.device, rank)
+    try:
+        device = resolve_device(args.device, rank)
+    except ValueError as exc:
+        raise SystemExit(f"--device: {exc}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     command = command_line("pipelines/train_denoise.py", argv, world)
     out: Path = args.out
     check_out_dir(out, args.resume, args.overwrite)
