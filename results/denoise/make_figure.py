@@ -44,7 +44,7 @@ def main(argv=None):
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     fig.suptitle(f"{args.dataset}/{args.image}, sigma {args.sigma}, crop {s}x{s} at ({r}, {c})", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
