@@ -31,15 +31,12 @@ import torch
 
 from n3images.inference import DEFAULT_TILE, denoise_image
 from n3images.io import image_bit_depth, read_image, same_file, write_image
+from n3sets.cli import UsageError, one_line
 from n3sets.pretrained import weights_name
 from n3sets.training import resolve_device
 
 PROGRAM = "denoise.py"
 WRITE_SUFFIXES = {".png": (8, 16), ".tif": (8, 16), ".tiff": (8, 16), ".jpg": (8,), ".jpeg": (8,)}
-
-
-class UsageError(ValueError):
-    pass
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -193,13 +190,6 @@ def run(args) -> dict:
     return {"input": str(inp), "output": str(written), "width": w, "height": h, "channels": 1 if grey_in else 3,
             "input_bit_depth": in_depth, "bit_depth": bit_depth, "seconds": elapsed, "weights": name,
             "device": str(device), "warning": message}
-
-
-def one_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[0] + (" [...]" if len(lines) > 1 else "")
 
 
 def main(argv=None) -> dict:

@@ -56,16 +56,13 @@ from n3images.inference import DEFAULT_TILE, denoise_image
 from n3images.io import list_images, read_image, write_image
 from n3images.metrics import psnr, ssim
 from n3images.noise import HETERO_EVAL_PAIRS, add_gaussian_noise, hetero_eval_noise, hetero_eval_target
+from n3sets.cli import UsageError, one_line
 from n3sets.pretrained import resolve_weights, weights_name
 from n3sets.training import resolve_device
 
 PROGRAM = "eval_denoise.py"
 RESERVED = ("noisy", "clean", *BASELINES)
 MIN_SIDE = 11  # SSIM's 11x11 window
-
-
-class UsageError(ValueError):
-    """A bad argument or input: reported on one line, exit code 2."""
 
 
 def _baseline_list(text: str) -> list[str]:
@@ -412,14 +409,6 @@ def run(args, argv) -> dict:
     if args.save_images:
         print(f"images in {args.save_images}")
     return out
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an error message (torch's unpickling errors run over many lines)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[0] + (" [...]" if len(lines) > 1 else "")
 
 
 def main(argv=None) -> dict:
