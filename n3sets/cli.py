@@ -6,7 +6,11 @@ A program raises :class:`UsageError` (or lets a library ``ValueError`` / ``FileN
 """
 from __future__ import annotations
 
-__all__ = ["UsageError", "one_line"]
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["UsageError", "one_line", "check_writable_folder"]
 
 
 class UsageError(ValueError):
@@ -19,3 +23,22 @@ def one_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     return lines[0] + (" [...]" if len(lines) > 1 else "")
+
+
+def check_writable_folder(folder, label: str) -> None:
+    """UsageError unless files can be created in ``folder`` (or its nearest existing ancestor).
+
+    ``label`` starts the message (e.g. ``"--json out/r.json"``). Nothing is left behind.
+    """
+    probe = Path(folder)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{label}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{label}: folder {probe} is not writable")
+    try:  # os.access says yes to root everywhere: try it (the probe file is removed at once)
+        with tempfile.TemporaryFile(dir=probe, prefix=".n3-write-probe-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{label}: cannot write to folder {probe} ({exc.strerror or exc})") from None

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import torch
 
 from n3images.inference import DEFAULT_TILE, denoise_image
 from n3images.io import image_bit_depth, read_image, same_file, write_image
-from n3sets.cli import UsageError, one_line
+from n3sets.cli import UsageError, check_writable_folder, one_line
 from n3sets.pretrained import weights_name
 from n3sets.training import resolve_device
 
@@ -76,18 +74,7 @@ def check_output(inp: Path, out: Path, overwrite: bool, bit_depth: int | None) -
         raise UsageError(f"OUT {out} is a folder; give a file name")
     if out.exists() and not overwrite:
         raise UsageError(f"OUT {out} exists; pass --overwrite to replace it")
-    probe = out.parent
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"OUT {out}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"OUT {out}: folder {probe} is not writable")
-    try:  # os.access says yes to root everywhere: try it (the probe file is removed at once)
-        with tempfile.TemporaryFile(dir=probe, prefix=".denoise-probe-"):
-            pass
-    except OSError as exc:
-        raise UsageError(f"OUT {out}: cannot write to folder {probe} ({exc.strerror or exc})") from None
+    check_writable_folder(out.parent, f"OUT {out}")
 
 
 def pick_device(name: str) -> torch.device:

@@ -56,7 +56,7 @@ from n3images.inference import DEFAULT_TILE, denoise_image
 from n3images.io import list_images, read_image, write_image
 from n3images.metrics import psnr, ssim
 from n3images.noise import HETERO_EVAL_PAIRS, add_gaussian_noise, hetero_eval_noise, hetero_eval_target
-from n3sets.cli import UsageError, one_line
+from n3sets.cli import UsageError, check_writable_folder, one_line
 from n3sets.pretrained import resolve_weights, weights_name
 from n3sets.training import resolve_device
 
@@ -224,20 +224,7 @@ def noise_levels(args) -> list[tuple[str, str, dict]]:
 def check_writable(path: Path, what: str) -> None:
     """Fail now, not after the evaluation, when ``path`` (a file or folder to be) cannot be written."""
     parent = path if what == "--save-images" else path.parent
-    probe = parent
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise UsageError(f"{what} {path}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {path}: folder {probe} is not writable")
-    try:  # os.access says yes to root everywhere: try it (the probe file is removed at once)
-        with tempfile.TemporaryFile(dir=probe, prefix=".eval-denoise-probe-"):
-            pass
-    except OSError as exc:
-        raise UsageError(f"{what} {path}: cannot write to folder {probe} ({exc.strerror or exc})") from None
+    check_writable_folder(parent, f"{what} {path}")
     if what == "--json" and path.is_dir():
         raise UsageError(f"--json {path}: is a folder")
 
