@@ -1,0 +1,176 @@
+"""torch.hub entry points: the shipped models of this repository by name.
+
+    import torch
+    model = torch.hub.load("/path/to/checkout", "n3net_strecha", source="local")
+    mf = torch.hub.load("/path/to/checkout", "match_filter", source="local", name="cnnet-strecha")
+    torch.hub.list("/path/to/checkout", source="local")
+
+One entry per shipped weight file (``n3sets/weights/*.pt``, ``n3images/weights/*.pt``), named
+like the file with ``-`` replaced by ``_``. Each returns the model in eval mode exactly as
+:func:`n3sets.pretrained.load_model` does (same class, conf, weights and ``meta``); with
+``pretrained=False`` it returns the same architecture, freshly initialised. ``match_filter``
+returns a ready :class:`n3sets.MatchFilter`. Keyword arguments are passed through.
+"""
+from __future__ import annotations
+
+import torch
+
+# checked by torch.hub before any entry runs (module names as imported)
+dependencies = ["torch", "torch_geometric", "numpy", "scipy", "cv2"]
+
+__all__ = [
+    "cnnet_strecha",
+    "cnnet_strecha_refine",
+    "cnnet_strecha_side",
+    "n3net_strecha",
+    "n3net_strecha_refine",
+    "n3net_strecha_side",
+    "dncnn_s25",
+    "n3net_s25",
+    "n3net_hetero",
+    "match_filter",
+]
+
+
+def _correspondence_model(name: str, pretrained: bool, map_location) -> torch.nn.Module:
+    from n3sets.pretrained import _class_for, load_model, read_weight_file
+
+    if pretrained:
+        return load_model(name, map_location=map_location)
+    payload = read_weight_file(name, map_location="cpu")
+    model = _class_for(payload, payload["path"])(payload["conf"])
+    model.meta = {}
+    return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+
+
+def _image_model(name: str, pretrained: bool, map_location) -> torch.nn.Module:
+    import n3images  # registers the image weights folder and model classes
+
+    if pretrained:
+        return n3images.load_model(name, map_location=map_location)
+    return _correspondence_model(name, False, map_location)
+
+
+# ----------------------------------------------------------------------------- correspondences
+
+
+def n3net_strecha(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """N3Net correspondence classifier trained on Strecha castle-P30 + Herz-Jesus-P25 (``n3net-strecha``).
+
+    ``model.meta`` holds the training command and validation mAP of the shipped weights.
+
+    Input ``(B, 4, N)`` normalized matches ``[x1, y1, x2, y2]`` (and an optional ``(B, N)``
+    mask); output ``(B, N)`` inlier logits. See :mod:`n3sets.models`.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _correspondence_model("n3net-strecha", pretrained, map_location)
+
+
+def n3net_strecha_refine(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """N3Net correspondence classifier with a residual refinement stage on top of ``n3net-strecha`` (``n3net-strecha-refine``).
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _correspondence_model("n3net-strecha-refine", pretrained, map_location)
+
+
+def n3net_strecha_side(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """N3Net correspondence classifier with side information (ratio test and mutual check), ``n3net-strecha-side``.
+
+    Input ``(B, 6, N)``: the four normalized coordinates, then ratio and mutual flag.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _correspondence_model("n3net-strecha-side", pretrained, map_location)
+
+
+def cnnet_strecha(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """CNNet baseline (Yi et al. 2018, no N3 block) trained like ``n3net-strecha`` (``cnnet-strecha``).
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _correspondence_model("cnnet-strecha", pretrained, map_location)
+
+
+def cnnet_strecha_refine(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """CNNet baseline with a residual refinement stage on top of ``cnnet-strecha`` (``cnnet-strecha-refine``).
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _correspondence_model("cnnet-strecha-refine", pretrained, map_location)
+
+
+def cnnet_strecha_side(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """CNNet baseline with side information (ratio test and mutual check), ``cnnet-strecha-side``.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _correspondence_model("cnnet-strecha-side", pretrained, map_location)
+
+
+# ----------------------------------------------------------------------------- image restoration
+
+
+def dncnn_s25(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """DnCNN denoiser for Gaussian noise of sigma 25 (images in [0, 1]), ``dncnn-s25``.
+
+    ``(B, 1, H, W) -> (B, 1, H, W)``; :func:`n3images.denoise_image` tiles large images.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _image_model("dncnn-s25", pretrained, map_location)
+
+
+def n3net_s25(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """N3Net denoiser (DnCNN stages with N3 blocks) for Gaussian noise of sigma 25, ``n3net-s25``.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _image_model("n3net-s25", pretrained, map_location)
+
+
+def n3net_hetero(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """Blind N3Net denoiser for heteroscedastic raw-like noise, ``n3net-hetero``.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _image_model("n3net-hetero", pretrained, map_location)
+
+
+# ----------------------------------------------------------------------------- user-facing API
+
+
+def match_filter(name: str = "n3net-strecha", device: str | torch.device = "cpu", **conf):
+    """A ready :class:`n3sets.MatchFilter` (learned outlier filter of putative matches).
+
+    Args:
+        name: shipped correspondence model (``"n3net-strecha"``, ``"cnnet-strecha"``, ...) or a
+            weight file path.
+        device: where the network runs (``"cpu"``, ``"cuda"``, ``"auto"``).
+        **conf: MatchFilter options (e.g. ``threshold=0.5``), passed through.
+
+    Returns:
+        ``MatchFilter``; ``mf.filter(kpts1, kpts2, K1, K2)`` gives inliers, E, R, t.
+    """
+    from n3sets.match_filter import MatchFilter
+
+    return MatchFilter.from_pretrained(name, device=device, **conf)
