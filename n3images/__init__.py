@@ -4,8 +4,15 @@ Built on :mod:`n3sets`' N3 engine (:func:`n3sets.engine.neighbour_volumes`); dep
 never the other way round. Public names are resolved lazily from their modules. Shipped image
 models live in ``n3images/weights/NAME.pt`` and load by name with :func:`load_model`.
 """
+from __future__ import annotations
+
 import importlib
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: importing n3images stays cheap (torch loads on first use)
+    import torch
 
 _EXPORTS = {
     "N3Block2d": "n3images.n3block2d",
@@ -34,7 +41,7 @@ def _register_weights() -> None:
     register_weights_dir(WEIGHTS_DIR)
 
 
-def load_model(name_or_path, map_location="cpu"):
+def load_model(name_or_path: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """An image model from a shipped name (``"n3net-s25"``) or a weight file, in eval mode.
 
     Raises:
@@ -63,7 +70,7 @@ def load_model(name_or_path, map_location="cpu"):
 _register_weights()
 
 
-def available_models() -> list:
+def available_models() -> list[str]:
     """Names of the shipped image models (``n3images/weights/*.pt``)."""
     return sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt")) if WEIGHTS_DIR.is_dir() else []
 

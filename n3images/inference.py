@@ -10,6 +10,7 @@ up to floating-point summation order.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ def _tiles(n: int, tile: int, align: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def tiled_apply(model: torch.nn.Module, x: torch.Tensor, tile: int | None = DEFAULT_TILE, progress=None) -> torch.Tensor:
+def tiled_apply(model: torch.nn.Module, x: torch.Tensor, tile: int | None = DEFAULT_TILE,
+                progress: Callable[[int, int], object] | None = None) -> torch.Tensor:
     """``model`` applied to ``x (B, C, H, W)`` tile by tile; ``(B, C', H, W)``.
 
     Args:
@@ -65,7 +67,9 @@ def tiled_apply(model: torch.nn.Module, x: torch.Tensor, tile: int | None = DEFA
     return out
 
 
-def denoise_image(model: torch.nn.Module, noisy, tile: int | None = DEFAULT_TILE, device=None, progress=None) -> np.ndarray:
+def denoise_image(model: torch.nn.Module, noisy: np.ndarray | torch.Tensor, tile: int | None = DEFAULT_TILE,
+                  device: str | torch.device | None = None,
+                  progress: Callable[[int, int], object] | None = None) -> np.ndarray:
     """Denoise one image: ``(H, W)`` grey or ``(H, W, C)`` numpy array in [0, 1] -> float32 array, same shape.
 
     A grey model (``conf["channels"] == 1``) denoises a colour image channel by channel. The

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import TYPE_CHECKING, Iterable
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:  # only named in annotations; importing torch here would slow image I/O
+    import torch
 
 __all__ = ["IMAGE_SUFFIXES", "read_image", "image_bit_depth", "write_image", "list_images"]
 
@@ -55,7 +59,7 @@ def image_bit_depth(path) -> int:
     return _bit_depth(img, path)
 
 
-def read_image(path, mode: str = "auto") -> np.ndarray:
+def read_image(path: str | os.PathLike, mode: str = "auto") -> np.ndarray:
     """Read an image as float32 in ``[0, 1]``.
 
     Args:
@@ -98,7 +102,8 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def write_image(path, img, bit_depth: int = 8, protect=None) -> Path:
+def write_image(path: str | os.PathLike, img: np.ndarray | torch.Tensor, bit_depth: int = 8,
+                protect: str | os.PathLike | Iterable[str | os.PathLike] | None = None) -> Path:
     """Write a ``[0, 1]`` float image (values outside are clipped) atomically.
 
     The file is encoded in memory, written to a hidden temporary file in the target folder and
@@ -164,7 +169,7 @@ def write_image(path, img, bit_depth: int = 8, protect=None) -> Path:
     return path
 
 
-def list_images(folder) -> list[Path]:
+def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files directly in ``folder``, sorted by file name (this order defines the benchmark
     image index ``i`` of :mod:`n3images.noise`).
 

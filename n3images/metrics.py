@@ -59,7 +59,7 @@ def _check_range(data_range, func: str) -> float:
     return data_range
 
 
-def psnr(x, y, data_range: float = 1.0) -> float:
+def psnr(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio ``10 log10(data_range^2 / mse)`` in dB, over all pixels and channels.
 
     Args:
@@ -95,7 +95,7 @@ def _ssim_channel(x: np.ndarray, y: np.ndarray, data_range: float) -> float:
     return float(s[r:-r, r:-r].mean(dtype=np.float64))
 
 
-def ssim(x, y, data_range: float = 1.0) -> float:
+def ssim(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, data_range: float = 1.0) -> float:
     """Structural similarity (Wang et al. 2004) with an 11x11 Gaussian window of std 1.5.
 
     Equal to ``skimage.metrics.structural_similarity(x, y, data_range=data_range,

@@ -54,7 +54,7 @@ class DnCNNStage(nn.Module):
         self.body = nn.Sequential(*layers)
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         for m in self.body:
             if isinstance(m, nn.Conv2d):
                 # He init for the ReLU layers; biases zero
@@ -87,7 +87,7 @@ class DnCNN(nn.Module):
 
     default_conf = {"channels": 1, "depth": 17, "features": 64, "bn_momentum": 0.1}
 
-    def __init__(self, conf: dict | None = None, **kwargs):
+    def __init__(self, conf: dict | None = None, **kwargs: object):
         super().__init__()
         self.conf = conf = merge_conf(self.default_conf, conf, kwargs)
         self.stage = DnCNNStage(conf["channels"], conf["channels"], conf["depth"], conf["features"], conf["bn_momentum"])
@@ -138,7 +138,7 @@ class N3NetDenoiser(nn.Module):
         "bn_momentum": 0.1,
     }
 
-    def __init__(self, conf: dict | None = None, **kwargs):
+    def __init__(self, conf: dict | None = None, **kwargs: object):
         super().__init__()
         self.conf = conf = merge_conf(self.default_conf, conf, kwargs)
         if conf["stages"] < 1:

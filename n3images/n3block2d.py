@@ -65,7 +65,7 @@ class DistanceNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(1))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
         nn.init.zeros_(self.bias)
         self.running_mean.zero_()
@@ -144,7 +144,7 @@ class N3Block2d(nn.Module):
         "tile": 8,
     }
 
-    def __init__(self, in_channels: int, **kwargs):
+    def __init__(self, in_channels: int, **kwargs: object):
         super().__init__()
         unknown = set(kwargs) - set(self.default_conf)
         if unknown:
@@ -172,7 +172,7 @@ class N3Block2d(nn.Module):
         self.temperature = _cnn(in_channels, conf["temp_hidden"], 1, conf["temp_depth"]) if continuous else None
         self.distance_norm = DistanceNorm() if continuous and conf["distance_norm"] else None
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()

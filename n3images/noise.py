@@ -141,7 +141,7 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 # --------------------------------------------------------------------------------- Gaussian
 
 
-def gaussian_noise(shape, sigma: float, index: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def gaussian_noise(shape: tuple[int, ...] | torch.Size, sigma: float, index: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The benchmark's Gaussian noise for the ``index``-th image (sorted file order).
 
     Exactly ``torch.randn(shape, generator=torch.Generator().manual_seed(index)) * sigma / 255``,
@@ -171,7 +171,7 @@ def gaussian_noise(shape, sigma: float, index: int, dtype: torch.dtype = torch.f
     return noise.to(dtype)
 
 
-def add_gaussian_noise(img, sigma: float, index: int):
+def add_gaussian_noise(img: np.ndarray | torch.Tensor, sigma: float, index: int) -> np.ndarray | torch.Tensor:
     """``img + gaussian_noise(img.shape, sigma, index)``, without clipping.
 
     Args:

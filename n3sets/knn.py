@@ -88,7 +88,7 @@ def _temperature_tensor(temperature, dist):
     return temperature.to(dist.dtype)
 
 
-def continuous_knn(dist: torch.Tensor, k: int, temperature=1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+def continuous_knn(dist: torch.Tensor, k: int, temperature: float | torch.Tensor = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Continuous deterministic relaxation of KNN selection (paper Eqs. 8-10).
 
     ``alpha^1 = -dist / t``, ``w^j = softmax(alpha^j)``, ``alpha^{j+1} = alpha^j + log(1 - w^j)``;

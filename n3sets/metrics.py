@@ -45,7 +45,7 @@ def accuracy_curve(errors_deg, thresholds: Iterable[float]) -> torch.Tensor:
 
 
 def mean_average_precision(
-    errors_deg, max_thresholds: Sequence[int] = (5, 10, 20)
+    errors_deg: torch.Tensor | Iterable[float], max_thresholds: Sequence[int] = (5, 10, 20)
 ) -> dict[str, float]:
     """mAP at the given maximum thresholds (Yi et al. 2018).
 

@@ -61,7 +61,7 @@ class ResidualCNBlock(nn.Module):
         self.conv2 = nn.Conv1d(channels, channels, 1)
         self.bn2 = MaskedBatchNorm1d(channels, momentum=bn_momentum)
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         for layer in (self.conv1, self.bn1, self.conv2, self.bn2):
             layer.reset_parameters()
 
@@ -113,7 +113,7 @@ class CNNet(nn.Module):
     }
 
     @classmethod
-    def resolve_conf(cls, conf: dict | None = None, **kwargs) -> dict:
+    def resolve_conf(cls, conf: dict | None = None, **kwargs: object) -> dict:
         """The full configuration (defaults, overrides, derived ``in_channels``) a model would get.
 
         Lets a stored configuration from an older version, without keys added since, be compared
@@ -136,7 +136,7 @@ class CNNet(nn.Module):
             merge_conf(cls.default_conf, refine, {})  # unknown keys fail here, naming the key
         return conf
 
-    def __init__(self, conf: dict | None = None, _extra_inputs: int = 0, **kwargs):
+    def __init__(self, conf: dict | None = None, _extra_inputs: int = 0, **kwargs: object):
         super().__init__()
         conf = self.resolve_conf(conf, **kwargs)
         self.conf = conf
@@ -150,7 +150,7 @@ class CNNet(nn.Module):
             stage_conf = {**conf, **conf["refine_stage"], "refine_stage": None}
             self.refine_stage = type(self)(stage_conf, _extra_inputs=REFINE_INPUTS)
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         # Only top-level layers: a sub-module's own reset_parameters knows its special
         # initialisations (e.g. the N3 block's zero temperature head), which a recursive
         # reset of every nn.Conv1d would undo.
@@ -167,7 +167,8 @@ class CNNet(nn.Module):
     def _run_block(self, i: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.blocks[i](x, mask)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, return_stages: bool = False):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                return_stages: bool = False) -> torch.Tensor | list[torch.Tensor]:
         """Logits ``(B, N)`` for ``x (B, C_in, N)`` and ``mask (B, N)`` (padded logits = PADDED_LOGIT).
 
         With a refinement stage the first network's logits give weights ``relu(tanh(.))`` and an
@@ -234,7 +235,7 @@ class N3Net(CNNet):
         "n3block": {},
     }
 
-    def __init__(self, conf: dict | None = None, _extra_inputs: int = 0, **kwargs):
+    def __init__(self, conf: dict | None = None, _extra_inputs: int = 0, **kwargs: object):
         super().__init__(conf, _extra_inputs, **kwargs)
         conf = self.conf
         C, k = conf["channels"], conf["k"]

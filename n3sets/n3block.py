@@ -95,7 +95,7 @@ class N3Block(nn.Module):
         "relaxation": "continuous",
     }
 
-    def __init__(self, in_channels: int, **kwargs):
+    def __init__(self, in_channels: int, **kwargs: object):
         super().__init__()
         unknown = set(kwargs) - set(self.default_conf)
         if unknown:
@@ -129,7 +129,7 @@ class N3Block(nn.Module):
             self.temperature = None
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """Default init for every layer; the temperature head starts at ``init_temperature``."""
         for layer in list(self.embed) + (list(self.temperature) if self.temperature is not None else []):
             if hasattr(layer, "reset_parameters"):

@@ -34,7 +34,7 @@ _REGISTRY: dict = {}
 MODEL_CLASSES = ("CNNet", "N3Net")  # the classes of this package (kept for older callers)
 
 
-def register_model_class(cls, name: str | None = None):
+def register_model_class(cls: type, name: str | None = None) -> type:
     """Make ``cls`` savable and loadable by :func:`save_model` / :func:`load_model` (usable as a decorator)."""
     name = name or cls.__name__
     other = _REGISTRY.get(name)
@@ -44,7 +44,7 @@ def register_model_class(cls, name: str | None = None):
     return cls
 
 
-def register_weights_dir(path) -> None:
+def register_weights_dir(path: str | os.PathLike) -> None:
     """Add a folder of shipped weight files (``NAME.pt``) to the names :func:`resolve_weights` knows."""
     path = Path(path).resolve()
     if path not in WEIGHTS_DIRS:
@@ -82,7 +82,7 @@ def weights_name(name_or_path: str) -> str:
     return Path(name_or_path).stem if name_or_path.endswith(".pt") or os.sep in name_or_path else name_or_path
 
 
-def resolve_weights(name_or_path) -> Path:
+def resolve_weights(name_or_path: str | os.PathLike) -> Path:
     """Path of a weight file given a shipped name (``"n3net-strecha"``) or a file path.
 
     Raises:
@@ -122,7 +122,7 @@ def _plain(value, where: str):
     raise ValueError(f"{where} must hold plain values (str, int, float, bool, list, dict), got {type(value).__name__}")
 
 
-def atomic_torch_save(obj, path) -> Path:
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the target folder, then ``os.replace`` it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ def atomic_torch_save(obj, path) -> Path:
     return path
 
 
-def save_model(path, model: torch.nn.Module, **meta) -> Path:
+def save_model(path: str | os.PathLike, model: torch.nn.Module, **meta: object) -> Path:
     """Write ``model`` (class name + conf + weights) and ``meta`` to ``path`` atomically.
 
     Args:
@@ -169,7 +169,7 @@ def save_model(path, model: torch.nn.Module, **meta) -> Path:
     return atomic_torch_save(payload, path)
 
 
-def read_weight_file(name_or_path, map_location="cpu") -> dict:
+def read_weight_file(name_or_path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """The raw dict of a weight file (see module docstring), validated."""
     path = resolve_weights(name_or_path)
     try:
@@ -179,7 +179,7 @@ def read_weight_file(name_or_path, map_location="cpu") -> dict:
     return check_weight_payload(payload, path)
 
 
-def check_weight_payload(payload, path) -> dict:
+def check_weight_payload(payload: object, path: str | os.PathLike) -> dict:
     """Validate a loaded weight-file dict (see module docstring); returns it with ``path`` added."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an n3sets model file (missing format={FORMAT!r}); "
@@ -189,7 +189,7 @@ def check_weight_payload(payload, path) -> dict:
     return payload
 
 
-def load_model(name_or_path, map_location="cpu") -> torch.nn.Module:
+def load_model(name_or_path: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """Model from a shipped name or a weight file, in eval mode; ``model.meta`` holds the meta dict."""
     payload = read_weight_file(name_or_path, map_location)
     model = _class_for(payload, payload["path"])(payload["conf"])
