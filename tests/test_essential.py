@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from n3sets.essential import logits_to_weights, weighted_eight_point
-from n3sets.geometry import essential_from_pose
+from n3sets.geometry import essential_from_pose, normalize_keypoints, symmetric_epipolar_distance
 from n3sets.losses import CorrespondenceLoss, balanced_bce, essential_loss
+from n3sets.pose import pose_error, recover_pose
 
 
 def _rotation(axis, angle_deg, dtype=torch.float64):
@@ -52,6 +53,70 @@ def test_recovers_essential_from_noise_free_matches(normalize, dtype, tol):
     assert E.shape == (3, 3, 3) and E.dtype == dtype
     assert torch.allclose(E.flatten(1).norm(dim=-1), torch.ones(3, dtype=dtype), atol=1e-5)
     assert _sign_invariant_error(E.double(), E_gt.double()).max() < tol
+
+
+# realistic, different intrinsics of two cameras (pixels; images about 1000 x 750)
+_K1 = torch.tensor([[1100.0, 0, 500], [0, 1100, 375], [0, 0, 1]], dtype=torch.float64)
+_K2 = torch.tensor([[800.0, 0, 520], [0, 820, 360], [0, 0, 1]], dtype=torch.float64)
+
+
+def _pixel_scene(B=16, N=100, noise_px=1.0, num_outliers=20, seed=0):
+    """Pixel-scale matches (images ~1000 x 750, different K per view) with Gaussian noise.
+
+    Returns noise-free and noisy pixel points, weights (0 for gross outliers) and the true
+    fundamental matrices ``F = K2^-T E K1^-1`` (pixel coordinates, unit Frobenius norm).
+    """
+    g = torch.Generator().manual_seed(seed)
+    K1, K2 = _K1, _K2
+    size = torch.tensor([1000.0, 750.0], dtype=torch.float64)
+    P1, P2, Fs = [], [], []
+    for b in range(B):
+        R = _rotation(torch.randn(3, generator=g, dtype=torch.float64), 5 + b)
+        t = torch.randn(3, generator=g, dtype=torch.float64)
+        t = t / t.norm()
+        # pixels of image 1 back-projected to depths 6-10, seen by camera 2
+        p1 = torch.rand(N, 2, generator=g, dtype=torch.float64) * size
+        rays = torch.cat([p1, torch.ones(N, 1, dtype=torch.float64)], 1) @ torch.linalg.inv(K1).T
+        X = rays * (6 + 4 * torch.rand(N, 1, generator=g, dtype=torch.float64))
+        X2 = X @ R.T + t
+        assert (X2[:, 2] > 0).all()
+        p2 = (X2 / X2[:, 2:]) @ K2.T
+        F = torch.linalg.inv(K2).T @ essential_from_pose(R, t) @ torch.linalg.inv(K1)
+        P1.append(p1)
+        P2.append(p2[:, :2])
+        Fs.append(F / F.norm())
+    p1, p2 = torch.stack(P1), torch.stack(P2)
+    n1 = p1 + noise_px * torch.randn(p1.shape, generator=g, dtype=torch.float64)
+    n2 = p2 + noise_px * torch.randn(p2.shape, generator=g, dtype=torch.float64)
+    w = 0.5 + torch.rand(B, N, generator=g, dtype=torch.float64)
+    # gross outliers far from the inliers' centroid, with zero weight: the normalisation must
+    # be weighted too, or they would drag its centroid and scale
+    n2[:, :num_outliers] = torch.rand(B, num_outliers, 2, generator=g, dtype=torch.float64) * 5000 - 2000
+    w[:, :num_outliers] = 0
+    return p1, p2, n1, n2, w, torch.stack(Fs)
+
+
+def test_normalisation_makes_noisy_pixel_scale_matches_accurate():
+    # Hartley (1997): on pixel coordinates (~1000) the columns of the design matrix differ by
+    # ~1e6 in scale and the unnormalised least-squares solution is dominated by the large ones;
+    # with 1 px noise its pose is several times worse. The noise-free tests above cannot see
+    # whether normalize=True normalises at all; this one can.
+    p1, p2, n1, n2, w, F_gt = _pixel_scene(B=32, N=100, num_outliers=20, seed=0)
+    assert symmetric_epipolar_distance(p1, p2, F_gt).max() < 1e-16
+    inl = slice(20, None)
+    x1, x2 = normalize_keypoints(p1[:, inl], _K1), normalize_keypoints(p2[:, inl], _K2)
+    R_gt, t_gt, ok = recover_pose(_K2.T @ F_gt @ _K1, x1, x2)
+    assert ok.all()
+    pose_err, epi_px = {}, {}
+    for normalize in (True, False):
+        F = weighted_eight_point(n1, n2, w, normalize=normalize)
+        # the symmetric epipolar distance of pixels under F: sqrt(d) is in pixels
+        epi_px[normalize] = symmetric_epipolar_distance(p1[:, inl], p2[:, inl], F).sqrt().median(dim=1).values
+        R, t, ok = recover_pose(_K2.T @ F @ _K1, x1, x2)
+        pose_err[normalize] = pose_error(R, t, R_gt, t_gt, ok)
+    assert epi_px[True].max() < 1.5  # px; noise is 1 px per coordinate
+    assert pose_err[True].mean() < 3.5  # degrees (measured 2.4; unnormalised 6.7)
+    assert pose_err[False].mean() > 2 * pose_err[True].mean()
 
 
 def test_zero_weight_outliers_and_padding_are_ignored():
