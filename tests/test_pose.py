@@ -124,6 +124,50 @@ def test_angles():
     assert err.item() == 180.0
 
 
+def _left_null_vector(E):
+    # E^T t = 0 for E = [t]_x R: t spans the left null space; SVD fixes it only up to sign
+    U, _, _ = torch.linalg.svd(E)
+    return U[..., :, 2]
+
+
+def test_translation_from_the_epipole_and_a_view_swap():
+    # End to end on the sign convention: t read off E (sign arbitrary, as before any cheirality
+    # test) and the pose of the swapped views (x1 <-> x2, E -> E^T, pose inverted) must score a
+    # zero pose error whatever the sign of either translation.
+    R, t, x1, x2 = _scene(B=8, N=40, seed=3)
+    E = _skew(t) @ R
+    signs = torch.tensor([1.0, -1.0] * 4, dtype=torch.float64)[:, None]
+    t_epi = signs * _left_null_vector(E)
+    assert ((t_epi * t).sum(-1) < 0).any() and ((t_epi * t).sum(-1) > 0).any()  # both signs occur
+    assert translation_angle(t_epi, t).max() < 1e-6
+    assert pose_error(R, t_epi, R, t).max() < 1e-6
+    assert pose_error(R, -t, R, t).max() < 1e-6
+
+    # the swapped pair: x1 = R^T x2 - R^T t, essential matrix E^T
+    R_sw, t_sw = R.transpose(-1, -2), -(R.transpose(-1, -2) @ t[..., None])[..., 0]
+    assert torch.allclose(_skew(t_sw) @ R_sw, E.transpose(-1, -2), atol=1e-12)
+    t_epi_sw = signs.flip(0) * _left_null_vector(E.transpose(-1, -2))
+    assert translation_angle(t_epi_sw, t_sw).max() < 1e-6
+    assert pose_error(R_sw, t_epi_sw, R_sw, t_sw).max() < 1e-6
+    R_est, t_est, ok = recover_pose(-3.0 * E.transpose(-1, -2), x2, x1)
+    assert ok.all()
+    assert pose_error(R_est, t_est, R_sw, t_sw).max() < 1e-6
+    assert pose_error(R_est, -t_est, R_sw, -t_sw).max() < 1e-6
+    assert pose_error(R_est, -t_est, R_sw, t_sw).max() < 1e-6
+
+
+def test_translation_angle_is_symmetric_sign_and_scale_invariant():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    ang = translation_angle(a, b)
+    assert (ang >= 0).all() and (ang <= 90).all()
+    assert (ang > 45).any()
+    for other in (translation_angle(b, a), translation_angle(-a, b), translation_angle(a, -2.5 * b),
+                  translation_angle(-0.1 * a, -b)):
+        assert torch.allclose(other, ang, atol=1e-9)
+
+
 # --- robust estimation (n3sets.robust, OpenCV) ---------------------------------------------
 
 
