@@ -3,8 +3,31 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: Set to 1 (CI does, in .ci/run) to make missing real data or shipped weights an error instead
+#: of a skip: a CI run without ../shared/data must not pass green with the real-data tests skipped.
+REQUIRE_DATA_ENV = "N3_REQUIRE_DATA"
+
+# Property tests draw the same examples on every run (and keep no example database), so a
+# failure reproduces and a green run means the same thing everywhere.
+settings.register_profile("n3", derandomize=True, database=None, print_blob=True)
+settings.load_profile("n3")
+
+
+def data_required() -> bool:
+    """Whether ``$N3_REQUIRE_DATA`` asks for missing data to fail the run rather than skip."""
+    return os.environ.get(REQUIRE_DATA_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def skip_or_fail_missing(reason: str):
+    """Skip a test whose data is missing, or fail it when ``$N3_REQUIRE_DATA`` is set."""
+    if data_required():
+        pytest.fail(f"{reason} -- {REQUIRE_DATA_ENV} is set, so missing data is an error "
+                    f"(unset it to skip these tests instead)", pytrace=False)
+    pytest.skip(reason)
 
 
 def _data_root() -> Path:
@@ -13,11 +36,18 @@ def _data_root() -> Path:
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    """The real data (../shared/data or $N3_DATA); tests that need it skip when it is missing."""
+    """The real data (../shared/data or $N3_DATA); tests that need it skip when it is missing
+    (fail when $N3_REQUIRE_DATA is set)."""
     root = _data_root()
     if not (root / "strecha").is_dir():
-        pytest.skip(f"real data not found at {root} (set N3_DATA)")
+        skip_or_fail_missing(f"real data not found at {root} (set N3_DATA)")
     return root
+
+
+@pytest.fixture(scope="session")
+def missing_data():
+    """``missing_data(reason)``: skip, or fail under $N3_REQUIRE_DATA (for data other than data_root)."""
+    return skip_or_fail_missing
 
 
 @pytest.fixture(scope="session")

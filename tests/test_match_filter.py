@@ -246,9 +246,9 @@ def test_real_pair_conventions_with_ransac_only(entry_pair):
 
 
 @pytest.mark.parametrize("name", ["n3net-strecha", "cnnet-strecha", "n3net-strecha-refine", "cnnet-strecha-refine"])
-def test_real_pair_shipped_model(entry_pair, name):
+def test_real_pair_shipped_model(entry_pair, name, missing_data):
     if name not in available_models():
-        pytest.skip(f"shipped weights {name}.pt not present")
+        missing_data(f"shipped weights {name}.pt not present")
     p = entry_pair
     mf = MatchFilter.from_pretrained(name)
     side = dict(ratio=p["ratio"], mutual=p["mutual"]) if mf.side_info else {}

@@ -210,9 +210,9 @@ def test_missing_weights_raise_with_available_names(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["cnnet-strecha", "n3net-strecha", "cnnet-strecha-refine", "n3net-strecha-refine"])
-def test_shipped_weights_load_and_run(name):
+def test_shipped_weights_load_and_run(name, missing_data):
     if name not in available_models():
-        pytest.skip(f"{name} not shipped yet")
+        missing_data(f"{name} not shipped yet")
     model = load_model(name)
     assert os.path.getsize(resolve_weights(name)) < 20e6
     assert {"command", "epochs", "val_mAP20"} <= set(model.meta)

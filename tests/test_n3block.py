@@ -89,7 +89,7 @@ def test_output_layout_and_hard_limit():
         torch.testing.assert_close(y[:, 6 * (j + 1): 6 * (j + 2)], expected)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=8, deadline=None, derandomize=True)
 @given(sizes=st.lists(st.integers(1, 9), min_size=1, max_size=3), impl=st.sampled_from(["dense", "chunked"]),
        seed=st.integers(0, 1000))
 def test_padded_batch_equals_sets_one_by_one(sizes, impl, seed):
