@@ -36,8 +36,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 BASELINES = ("ransac", "magsac", "ratio+magsac")
 RATIO_TEST = 0.8

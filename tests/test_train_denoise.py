@@ -1,4 +1,5 @@
 """pipelines/train_denoise.py: training loop, logs, exact resume, refusal to overwrite, export, DDP."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,8 +14,18 @@ import n3images
 from n3images.io import write_image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "pipelines"))
-import train_denoise  # noqa: E402
+
+
+def _load_program(name):
+    """A program of pipelines/ (not a package) as a module, by file path."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # so that its functions pickle by reference
+    spec.loader.exec_module(module)
+    return module
+
+
+train_denoise = _load_program("train_denoise")
 
 COMMON = ["--batch-size", "4", "--samples-per-epoch", "8", "--val-count", "2", "--threads", "1", "--no-progress",
           "--device", "cpu"]

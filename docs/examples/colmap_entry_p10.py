@@ -31,11 +31,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from data_prep.colmap_export import export_database, rotation_errors, run_mapper
+from data_prep.scenes import read_strecha_scene
 
-from data_prep.colmap_export import export_database, rotation_errors, run_mapper  # noqa: E402
-from data_prep.scenes import read_strecha_scene  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class KeepAll(torch.nn.Module):

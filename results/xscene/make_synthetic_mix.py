@@ -10,9 +10,9 @@ also lie where the scene is seen (like SIFT confusions), not only uniformly in t
 are recomputed with data_prep.labels.label_matches.
 """
 import sys
-from pathlib import Path
+
 import h5py, numpy as np
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from data_prep.h5io import atomic_h5, pair_key, write_pair, write_settings, read_pair, pair_keys
 from data_prep.synthetic import synthetic_pair
 from data_prep.labels import label_matches
