@@ -81,30 +81,30 @@ class GlobalCandidates:
     def __init__(self, valid: torch.Tensor | None = None):
         self.valid = valid
 
-    def check(self, query, cand, feat):
+    def check(self, query: torch.Tensor, cand: torch.Tensor, feat: torch.Tensor) -> None:
         if query.shape[-1] != cand.shape[-1]:
             raise ValueError(f"GlobalCandidates: queries are the items, got Q={query.shape[-1]} and N={cand.shape[-1]}")
         if self.valid is not None and self.valid.shape != (cand.shape[0], cand.shape[-1]):
             raise ValueError(f"GlobalCandidates: valid must have shape (B, N) = {(cand.shape[0], cand.shape[-1])}, "
                              f"got {tuple(self.valid.shape)}")
 
-    def auto_chunk(self, B, Q, N, E, F):
+    def auto_chunk(self, B: int, Q: int, N: int, E: int, F: int) -> int | None:
         return max(1, min(Q, AUTO_CHUNK_ENTRIES // max(1, B * N)))
 
-    def chunks(self, Q, chunk):
+    def chunks(self, Q: int, chunk: int | None) -> list[tuple[int, int]]:
         """Query ranges ``(start, stop)`` of the chunked path (``chunk=None``: one range, the dense path)."""
         return _ranges(Q, chunk)
 
     @staticmethod
-    def prepare(x):
+    def prepare(x: torch.Tensor) -> torch.Tensor:
         """Tensors stay ``(B, X, N)``."""
         return x
 
     @staticmethod
-    def unprepare(g):
+    def unprepare(g: torch.Tensor) -> torch.Tensor:
         return g
 
-    def mask(self, start, stop, n, batch, device):
+    def mask(self, start: int, stop: int, n: int, batch: int, device: torch.device) -> torch.Tensor:
         """(B, Q, N) bool: valid candidates of the same set, the query item itself excluded."""
         q = torch.arange(start, stop, device=device).unsqueeze(-1)
         not_self = q != torch.arange(n, device=device).unsqueeze(0)  # (Q, N)
@@ -112,28 +112,29 @@ class GlobalCandidates:
             return not_self.unsqueeze(0).expand(batch, -1, -1)
         return not_self.unsqueeze(0) & self.valid.unsqueeze(1)
 
-    def distances(self, query, cand, start, stop):
+    def distances(self, query: torch.Tensor, cand: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, Q_chunk, N)`` squared distances of the queries ``start:stop`` and their candidate mask."""
         dist = pairwise_sq_dist(query[:, :, start:stop], cand)  # (B, Q, N)
         return dist, self.mask(start, stop, cand.shape[-1], cand.shape[0], cand.device)
 
-    def weights(self, query, cand, temp, start, stop, k, relaxation):
+    def weights(self, query: torch.Tensor, cand: torch.Tensor, temp: torch.Tensor | None, start: int, stop: int, k: int,
+                relaxation: str) -> torch.Tensor:
         """KNN weights ``(B, k, Q_chunk, N)`` of the queries ``start:stop`` over all items of their set."""
         dist, mask = self.distances(query, cand, start, stop)
         return _select(dist, None if temp is None else temp[:, start:stop], mask, k, relaxation)
 
-    def aggregate(self, W, feat, start, stop):
+    def aggregate(self, W: torch.Tensor, feat: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """``vol[b, j, f, q] = sum_o W[b, j, q, o] feat[b, f, o]``: ``(B, k, Q, N), (B, F, N) -> (B, k, F, Q)``."""
         # one GEMM on the contiguous W: no copy of the k weight matrices, forward or backward
         B, k, Q, N = W.shape
         vol = torch.bmm(W.reshape(B, k * Q, N), feat.transpose(1, 2))  # (B, k*Q, F)
         return vol.view(B, k, Q, -1).transpose(-1, -2)
 
-    def add_feat_grad(self, g_feat, W, g_vol, start, stop):
+    def add_feat_grad(self, g_feat: torch.Tensor, W: torch.Tensor, g_vol: torch.Tensor, start: int, stop: int) -> None:
         B, k, Q, N = W.shape
         g_feat += torch.bmm(g_vol.permute(0, 2, 1, 3).reshape(B, -1, k * Q), W.reshape(B, k * Q, N))
 
-    def weight_grad(self, g_vol, feat, start, stop):
+    def weight_grad(self, g_vol: torch.Tensor, feat: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         B, k, F, Q = g_vol.shape
         return torch.bmm(g_vol.transpose(-1, -2).reshape(B, k * Q, F), feat).view(B, k, Q, -1)
 
@@ -165,28 +166,28 @@ class IndexedCandidates:
                              f"got {valid.dtype} {tuple(valid.shape)}")
         self.index, self.valid = index, valid
 
-    def check(self, query, cand, feat):
+    def check(self, query: torch.Tensor, cand: torch.Tensor, feat: torch.Tensor) -> None:
         if self.index.shape[0] != query.shape[-1]:
             raise ValueError(f"IndexedCandidates: index has {self.index.shape[0]} rows for Q={query.shape[-1]} queries")
         if self.index.numel() and (int(self.index.min()) < 0 or int(self.index.max()) >= cand.shape[-1]):
             raise ValueError(f"IndexedCandidates: index values must lie in [0, N={cand.shape[-1]})")
 
-    def auto_chunk(self, B, Q, N, E, F):
+    def auto_chunk(self, B: int, Q: int, N: int, E: int, F: int) -> int | None:
         return max(1, min(Q, AUTO_GATHER_ENTRIES // max(1, B * self.index.shape[1] * max(E, F))))
 
-    def chunks(self, Q, chunk):
+    def chunks(self, Q: int, chunk: int | None) -> list[tuple[int, int]]:
         return _ranges(Q, chunk)
 
     @staticmethod
-    def prepare(x):
+    def prepare(x: torch.Tensor) -> torch.Tensor:
         """``(B, X, N)`` -> the item-major ``(B, N, X)`` the per-chunk methods take."""
         return x.transpose(1, 2).contiguous()
 
     @staticmethod
-    def unprepare(g):
+    def unprepare(g: torch.Tensor) -> torch.Tensor:
         return g.transpose(1, 2)
 
-    def distances(self, query, cand, start, stop):
+    def distances(self, query: torch.Tensor, cand: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, Q_chunk, O)`` squared distances of the queries ``start:stop`` to their slots, and the slot mask.
 
         ``query (B, Q, E)``, ``cand (B, N, E)`` (prepared).
@@ -201,22 +202,23 @@ class IndexedCandidates:
         dist = (qq + cc).sub_(dot, alpha=2.0).clamp_min_(0.0)
         return dist, self.valid[start:stop].unsqueeze(0).expand_as(dist)
 
-    def weights(self, query, cand, temp, start, stop, k, relaxation):
+    def weights(self, query: torch.Tensor, cand: torch.Tensor, temp: torch.Tensor | None, start: int, stop: int, k: int,
+                relaxation: str) -> torch.Tensor:
         """KNN weights ``(B, k, Q_chunk, O)`` of the queries ``start:stop`` over their candidate slots."""
         dist, mask = self.distances(query, cand, start, stop)
         return _select(dist, None if temp is None else temp[:, start:stop], mask, k, relaxation)
 
-    def aggregate(self, W, feat, start, stop):
+    def aggregate(self, W: torch.Tensor, feat: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """``vol[b, j, f, q] = sum_o W[b, j, q, o] feat[b, index[q, o], f]`` -> ``(B, k, F, Q_chunk)``."""
         f = _gather_rows(feat, self.index[start:stop])  # (B, Qc, O, F)
         return torch.matmul(W.transpose(1, 2), f).permute(0, 2, 3, 1)  # (B, Qc, k, F) -> (B, k, F, Qc)
 
-    def add_feat_grad(self, g_feat, W, g_vol, start, stop):
+    def add_feat_grad(self, g_feat: torch.Tensor, W: torch.Tensor, g_vol: torch.Tensor, start: int, stop: int) -> None:
         idx = self.index[start:stop]
         g = torch.matmul(W.permute(0, 2, 3, 1), g_vol.permute(0, 3, 1, 2))  # (B, Qc, O, F)
         g_feat.index_add_(1, idx.reshape(-1), g.reshape(g.shape[0], -1, g.shape[-1]))
 
-    def weight_grad(self, g_vol, feat, start, stop):
+    def weight_grad(self, g_vol: torch.Tensor, feat: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         f = _gather_rows(feat, self.index[start:stop])  # (B, Qc, O, F)
         return torch.matmul(g_vol.permute(0, 3, 1, 2), f.transpose(-1, -2)).transpose(1, 2)  # (B, k, Qc, O)
 
@@ -249,17 +251,17 @@ class BlockedCandidates:
         self.starts, self.members, self.masks = list(starts), members, masks
         self._block = {s: i for i, s in enumerate(self.starts[:-1])}
 
-    def check(self, query, cand, feat):
+    def check(self, query: torch.Tensor, cand: torch.Tensor, feat: torch.Tensor) -> None:
         if self.starts[-1] != query.shape[-1]:
             raise ValueError(f"BlockedCandidates: blocks cover {self.starts[-1]} queries, got Q={query.shape[-1]}")
         n = cand.shape[-1]
         if any(m.numel() and (int(m.min()) < 0 or int(m.max()) >= n) for m in self.members):
             raise ValueError(f"BlockedCandidates: members must lie in [0, N={n})")
 
-    def auto_chunk(self, B, Q, N, E, F):
+    def auto_chunk(self, B: int, Q: int, N: int, E: int, F: int) -> int | None:
         return None  # the blocks are the chunks
 
-    def chunks(self, Q, chunk):
+    def chunks(self, Q: int, chunk: int | None) -> list[tuple[int, int]]:
         return list(zip(self.starts[:-1], self.starts[1:]))
 
     # item-major (B, N, X), as IndexedCandidates: a block's union is a gather of contiguous rows
@@ -269,7 +271,7 @@ class BlockedCandidates:
     def _union(self, x, start):
         return x.index_select(1, self.members[self._block[start]])  # (B, U, X)
 
-    def distances(self, query, cand, start, stop):
+    def distances(self, query: torch.Tensor, cand: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, Q_block, U)`` squared distances of a block's queries to its candidates, and the mask.
 
         ``query (B, Q, E)``, ``cand (B, N, E)`` (prepared).
@@ -281,21 +283,22 @@ class BlockedCandidates:
         dist = torch.baddbmm(qq + cc, q, c.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
         return dist, self.masks[self._block[start]].unsqueeze(0).expand_as(dist)
 
-    def weights(self, query, cand, temp, start, stop, k, relaxation):
+    def weights(self, query: torch.Tensor, cand: torch.Tensor, temp: torch.Tensor | None, start: int, stop: int, k: int,
+                relaxation: str) -> torch.Tensor:
         dist, mask = self.distances(query, cand, start, stop)
         return _select(dist, None if temp is None else temp[:, start:stop], mask, k, relaxation)
 
-    def aggregate(self, W, feat, start, stop):
+    def aggregate(self, W: torch.Tensor, feat: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         B, k, Q, U = W.shape
         vol = torch.bmm(W.reshape(B, k * Q, U), self._union(feat, start))  # (B, k*Q, F)
         return vol.view(B, k, Q, -1).transpose(-1, -2)
 
-    def add_feat_grad(self, g_feat, W, g_vol, start, stop):
+    def add_feat_grad(self, g_feat: torch.Tensor, W: torch.Tensor, g_vol: torch.Tensor, start: int, stop: int) -> None:
         B, k, Q, U = W.shape
         gv = g_vol.transpose(-1, -2).reshape(B, k * Q, -1)  # (B, k*Q, F)
         g_feat.index_add_(1, self.members[self._block[start]], torch.bmm(W.reshape(B, k * Q, U).transpose(1, 2), gv))
 
-    def weight_grad(self, g_vol, feat, start, stop):
+    def weight_grad(self, g_vol: torch.Tensor, feat: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         B, k, F, Q = g_vol.shape
         gv = g_vol.transpose(-1, -2).reshape(B, k * Q, F)
         return torch.bmm(gv, self._union(feat, start).transpose(1, 2)).view(B, k, Q, -1)
