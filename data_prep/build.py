@@ -40,11 +40,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from .features import DEFAULT_CONTRAST_THRESHOLD, DEFAULT_NUM_KP, FeatureCache, match_both_ways
-from .h5io import atomic_h5, pair_key, pair_keys, read_pair, read_settings, write_pair, write_settings
+from .h5io import atomic_h5, open_pairs, pair_key, pair_keys, read_pair, read_settings, write_pair, write_settings
 from .labels import DEFAULT_THRESHOLD, label_matches, pair_relative_pose
 from .scenes import Scene
 
@@ -424,16 +423,22 @@ def merge_h5(inputs, out) -> Path:
             raise ValueError(f"{p} was built with different settings than {inputs[0]}")
     entries = []
     for p in inputs:
-        with h5py.File(p, "r") as h5:
+        with open_pairs(p, values=False) as h5:  # ValueError naming a file that is not of this schema
             entries += [(k, p) for k in pair_keys(h5)]
     entries.sort()
     if len({k for k, _ in entries}) != len(entries):
         raise ValueError("the shard files share pair names (same shard given twice?)")
-    with atomic_h5(out) as dst:
-        write_settings(dst, dict(settings, shard="merged", num_pairs=len(entries)))
-        for key, p in entries:
-            with h5py.File(p, "r") as src:
-                write_pair(dst, key, read_pair(src[key]))
+    sources = {}
+    try:
+        with atomic_h5(out) as dst:
+            write_settings(dst, dict(settings, shard="merged", num_pairs=len(entries)))
+            for key, p in entries:
+                if p not in sources:
+                    sources[p] = open_pairs(p, values=False)
+                write_pair(dst, key, read_pair(sources[p][key]))
+    finally:
+        for src in sources.values():
+            src.close()
     return Path(out)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .h5io import pair_keys, read_pair
+from .h5io import open_pairs, pair_keys, read_pair
 
 __all__ = ["CorrespondenceDataset", "collate_sets", "augment_pair"]
 
@@ -100,8 +100,6 @@ class CorrespondenceDataset(Dataset):
     def __init__(self, h5_path, side_info: bool = False, max_matches: int | None = None, pairs=None, seed: int | None = None,
                  augment_swap: float = 0.0, augment_rotation: float = 0.0):
         self.h5_path = Path(h5_path)
-        if not self.h5_path.is_file():
-            raise FileNotFoundError(f"correspondence dataset not found: {self.h5_path}")
         if max_matches is not None and max_matches < 1:
             raise ValueError(f"max_matches must be >= 1 or None, got {max_matches}")
         if not 0.0 <= augment_swap <= 1.0:
@@ -114,17 +112,18 @@ class CorrespondenceDataset(Dataset):
         self.max_matches = max_matches
         self.seed = seed
         self.epoch = 0
-        try:
-            with h5py.File(self.h5_path, "r") as h5:
-                keys = pair_keys(h5)
-                names = [str(h5[k].attrs.get("name", k)) for k in keys]
-        except OSError as err:
-            raise OSError(f"cannot read correspondence dataset {self.h5_path}: {err}") from err
+        # FileNotFoundError, or ValueError naming the file (and pair) for anything off-schema:
+        # the whole file is checked here, so that a bad pair does not stop a run half-way
+        with open_pairs(self.h5_path) as h5:
+            keys = pair_keys(h5)
+            names = [str(h5[k].attrs.get("name", k)) for k in keys]
         if pairs is not None:
             by_name = {n: k for n, k in zip(names, keys)}
             selected = []
             for p in pairs:
                 if isinstance(p, (int, np.integer)):
+                    if not -len(keys) <= int(p) < len(keys):
+                        raise ValueError(f"pair index {int(p)} out of range: {self.h5_path} holds {len(keys)} pairs")
                     selected.append(keys[int(p)])
                 elif p in by_name:
                     selected.append(by_name[p])

@@ -19,7 +19,9 @@ File layout (``SCHEMA_VERSION`` 1)::
         attrs: name ("scene/image1-image2"), scene, image1, image2 (image names)
 
 Writers go through :func:`atomic_h5` (temporary file renamed at the end) and store datasets
-without timestamps so that the same inputs give a byte-identical file.
+without timestamps so that the same inputs give a byte-identical file. Readers go through
+:func:`open_pairs` (one schema check for every reader: :func:`check_file`) and :func:`read_pair`;
+a file or pair that does not follow the schema raises ``ValueError`` naming the file and the pair.
 """
 from __future__ import annotations
 
@@ -57,26 +59,66 @@ def pair_key(index: int) -> str:
     return f"pair_{index:06d}"
 
 
-def check_pair(record: dict) -> None:
-    """Raise ``ValueError`` naming the field when ``record`` does not follow the schema."""
+def _check_shapes(shapes: dict, where: str) -> int:
+    """Check field shapes against :data:`PAIR_FIELDS`; returns the number of matches N.
+
+    ``shapes`` maps each field to its shape (missing fields are reported); ``where`` starts the
+    ``ValueError`` message (e.g. ``"pair record"`` or ``"file.h5: pair pair_000003"``).
+    """
     n = None
     for field, (_, shape) in PAIR_FIELDS.items():
-        if field not in record:
-            raise ValueError(f"pair record misses field {field!r}")
-        value = np.asarray(record[field])
-        if value.ndim != len(shape):
-            raise ValueError(f"field {field!r} must have shape {shape} (None = matches), got {value.shape}")
-        for dim, want in zip(value.shape, shape):
+        if field not in shapes:
+            raise ValueError(f"{where} misses field {field!r}")
+        have = tuple(shapes[field])
+        if len(have) != len(shape):
+            raise ValueError(f"{where}: field {field!r} must have shape {shape} (None = matches), got {have}")
+        for dim, want in zip(have, shape):
             if want is None:
                 if n is None:
                     n = dim
                 elif dim != n:
-                    raise ValueError(f"field {field!r} has {dim} matches, other fields {n}")
+                    raise ValueError(f"{where}: field {field!r} has {dim} matches, other fields {n}")
             elif dim != want:
-                raise ValueError(f"field {field!r} must have shape {shape} (None = matches), got {value.shape}")
+                raise ValueError(f"{where}: field {field!r} must have shape {shape} (None = matches), got {have}")
+    return int(n or 0)
+
+
+def check_pair(record: dict, where: str = "pair record") -> None:
+    """Raise ``ValueError`` naming the field when ``record`` does not follow the schema.
+
+    Checks the fields and attributes, the shapes, that the matches agree in number, and the
+    values: coordinates, ratios and the geometry (``R``, ``t``, ``K1``, ``K2``) must be finite, labels and
+    mutual flags 0 or 1.
+    """
+    _check_shapes({f: np.shape(record[f]) for f in PAIR_FIELDS if f in record}, where)
     for attr in PAIR_ATTRS:
         if attr not in record:
-            raise ValueError(f"pair record misses attribute {attr!r}")
+            raise ValueError(f"{where} misses attribute {attr!r}")
+    _check_values(record, where)
+
+
+#: fields that must hold finite numbers (epi_dist may be inf for a degenerate epipolar line)
+FINITE_FIELDS = ("xs", "kpts1", "kpts2", "ratio", "R", "t", "K1", "K2")
+#: fields that hold 0/1 flags
+FLAG_FIELDS = ("label", "mutual")
+
+
+def _check_values(record: dict, where: str) -> None:
+    for field in PAIR_FIELDS:
+        value = np.asarray(record[field])
+        if value.dtype.kind not in "biuf":
+            raise ValueError(f"{where}: field {field!r} must hold numbers, got dtype {value.dtype}")
+    for field in FINITE_FIELDS:
+        value = np.asarray(record[field], dtype=np.float64)
+        bad = ~np.isfinite(value)
+        if bad.any():
+            first = np.argwhere(bad)[0].tolist()
+            raise ValueError(f"{where}: field {field!r} holds {int(bad.sum())} NaN or infinite value(s), "
+                             f"first at index {first}")
+    for field in FLAG_FIELDS:
+        value = np.asarray(record[field])
+        if value.size and not np.isin(value, (0, 1)).all():
+            raise ValueError(f"{where}: field {field!r} must hold 0 or 1, got {np.unique(value)[:5].tolist()}")
 
 
 def write_pair(h5: h5py.File, key: str, record: dict) -> None:
@@ -90,13 +132,119 @@ def write_pair(h5: h5py.File, key: str, record: dict) -> None:
         group.attrs[attr] = str(record[attr])
 
 
+class _Where:
+    """``FILE: pair KEY (NAME)``, how errors name a pair; formatted only when an error is raised."""
+
+    def __init__(self, group: h5py.Group):
+        self.group = group
+
+    def __str__(self) -> str:
+        name = self.group.attrs.get("name", "")
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        return f"{self.group.file.filename}: pair {self.group.name.lstrip('/')}" + (f" ({name})" if name else "")
+
+
+def _datasets(group, key=None, path=None) -> tuple[dict, _Where]:
+    """The schema's datasets of a pair group (missing ones left out, for :func:`_check_shapes` to name)."""
+    if not isinstance(group, h5py.Group):
+        raise ValueError(f"{path or group.file.filename}: {key or group.name.lstrip('/')} is not a pair group "
+                         "(an h5 dataset instead)")
+    where = _Where(group)
+    out = {}
+    for field in PAIR_FIELDS:
+        item = group.get(field)
+        if item is None:
+            continue
+        if not isinstance(item, h5py.Dataset):
+            raise ValueError(f"{where}: {field!r} is not a dataset")
+        if item.dtype.kind not in "biuf":
+            raise ValueError(f"{where}: field {field!r} must hold numbers, got dtype {item.dtype}")
+        out[field] = item
+    return out, where
+
+
+def check_pair_group(group, key: str | None = None, path=None) -> int:
+    """Check the structure of one pair group without reading its arrays; returns its number of matches.
+
+    ``ValueError`` naming the file and the pair: not a group, a missing dataset, a wrong shape,
+    matches that disagree in number, a dataset that does not hold numbers.
+    """
+    datasets, where = _datasets(group, key, path)
+    return _check_shapes({f: d.shape for f, d in datasets.items()}, where)
+
+
 def read_pair(group: h5py.Group) -> dict:
-    """Read one pair group back into a dict of numpy arrays and string attributes."""
-    out = {field: group[field][()] for field in PAIR_FIELDS}
+    """Read one pair group back into a dict of numpy arrays and string attributes.
+
+    Raises ``ValueError`` naming the file and the pair when the group does not follow the schema
+    (:func:`check_pair`: missing fields, shapes, NaN or infinite values, ...) or cannot be read.
+    """
+    datasets, where = _datasets(group)
+    try:
+        out = {field: d[()] for field, d in datasets.items()}
+    except (OSError, RuntimeError) as err:  # a truncated or damaged file fails only here
+        raise ValueError(f"{where}: cannot read its data (truncated or corrupt file?): {err}") from None
+    _check_shapes({f: np.shape(v) for f, v in out.items()}, where)
+    _check_values(out, where)
     for attr in PAIR_ATTRS:
         value = group.attrs.get(attr, "")
         out[attr] = value.decode() if isinstance(value, bytes) else str(value)
     return out
+
+
+def check_file(h5: h5py.File, path=None, values: bool = True) -> list[str]:
+    """Check an open correspondence file against the schema; returns its sorted pair keys.
+
+    The one check behind every reader (:func:`open_pairs`). ``ValueError`` naming the file (and
+    the pair) when the file lacks ``schema_version`` (not written by this project), has another
+    version, or a pair group does not follow :data:`PAIR_FIELDS`. With ``values`` every pair is
+    also read and its values checked (NaN, infinite, labels not 0/1), so a bad pair is reported
+    before a long training or evaluation starts, not in the middle of it.
+    """
+    path = h5.filename if path is None else path
+    version = h5.attrs.get("schema_version")
+    if version is None:
+        raise ValueError(f"{path}: not a correspondence dataset of this project (no 'schema_version' attribute; "
+                         "such files are written by data_prep/build_corr_dataset.py)")
+    try:
+        version = int(version)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: schema_version {version!r} is not an integer") from None
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema version {version}, this code reads version {SCHEMA_VERSION}")
+    keys = pair_keys(h5)
+    for key in keys:
+        group = h5[key]
+        if values:
+            read_pair(group)  # structure and values
+        else:
+            check_pair_group(group, key, path)
+    return keys
+
+
+def open_pairs(path, values: bool = True) -> h5py.File:
+    """Open a correspondence h5 file for reading, checked with :func:`check_file`.
+
+    ``FileNotFoundError`` for a missing file; ``ValueError`` naming the file for anything that is
+    not a readable file of this schema (truncated, random bytes, another h5 layout, NaN values,
+    ...). Use it as a context manager: ``with open_pairs(path) as h5: ...``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"correspondence dataset not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as err:
+        reason = str(err).split("(", 1)[-1].rstrip(")") if "(" in str(err) else str(err)
+        raise ValueError(f"{path}: not a readable HDF5 file (truncated, corrupt or another kind of file: {reason})") from None
+    try:
+        check_file(h5, path, values=values)
+    except BaseException:
+        h5.close()
+        raise
+    return h5
 
 
 def pair_keys(h5: h5py.File) -> list[str]:
@@ -116,10 +264,16 @@ def write_settings(h5: h5py.File, settings: dict) -> None:
 def read_settings(path_or_h5) -> dict:
     """The settings dict stored by :func:`write_settings`."""
     if isinstance(path_or_h5, (str, os.PathLike)):
-        with h5py.File(path_or_h5, "r") as h5:
+        with open_pairs(path_or_h5, values=False) as h5:
             return read_settings(h5)
     raw = path_or_h5.attrs.get("settings", "{}")
-    return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    try:
+        settings = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except (TypeError, ValueError):
+        settings = None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path_or_h5.filename}: the 'settings' attribute is not a JSON object")
+    return settings
 
 
 @contextlib.contextmanager
