@@ -29,6 +29,9 @@ if __package__ in (None, ""):
 from data_prep.build import BuildConfig, build_dataset, format_summary, merge_h5, summary_json  # noqa: E402
 from data_prep.features import DEFAULT_CONTRAST_THRESHOLD, DEFAULT_NUM_KP  # noqa: E402
 from data_prep.labels import DEFAULT_THRESHOLD  # noqa: E402
+from n3sets.cli import UsageError, check_writable_folder, one_line  # noqa: E402
+
+PROGRAM = "build_corr_dataset.py"
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -47,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scene", action="append", default=[], help="scene folder (repeatable); colmap: the model folder")
     p.add_argument("--images", action="append", default=[], help="colmap only: image folder per --scene (default: ../../images)")
     p.add_argument("--out", required=True, help="output h5 (training pairs when --val-out is given)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out / --val-out when they exist (refused otherwise)")
     p.add_argument("--val-out", help="output h5 for the validation pairs")
     p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of (unordered) pairs for validation")
     p.add_argument("--num-kp", type=int, default=DEFAULT_NUM_KP, help="max SIFT keypoints per image (default %(default)s)")
@@ -78,8 +82,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def check_outputs(args) -> None:
+    """UsageError, before any work, for an output that exists (without --overwrite), is a folder or
+    cannot be written, so that a long build never fails at its end."""
+    outputs = [("--out", args.out)] + ([("--val-out", args.val_out)] if args.val_out else [])
+    if args.val_out and Path(args.val_out).resolve() == Path(args.out).resolve():
+        raise UsageError(f"--val-out {args.val_out} is the same file as --out")
+    for option, value in outputs:
+        path = Path(value)
+        if path.is_dir():
+            raise UsageError(f"{option} {path} is a folder; give an .h5 file name")
+        if path.exists() and not args.overwrite:
+            raise UsageError(f"{option} {path} exists; pass --overwrite to replace it")
+        if args.merge and any(Path(m).resolve() == path.resolve() for m in args.merge if Path(m).exists()):
+            raise UsageError(f"{option} {path} is one of the --merge inputs")
+        check_writable_folder(path.parent, f"{option} {path}")
+    if args.summary_json:
+        path = Path(args.summary_json)
+        if path.is_dir():
+            raise UsageError(f"--summary-json {path} is a folder; give a file name")
+        check_writable_folder(path.parent, f"--summary-json {path}")
+    if args.images and len(args.images) != len(args.scene):
+        raise UsageError(f"--images must be given once per --scene ({len(args.images)} --images, {len(args.scene)} --scene)")
+
+
+def run(args) -> int:
+    check_outputs(args)
     if args.merge is not None:
         print(f"merged {len(args.merge)} files into {merge_h5(args.merge, args.out)}")
         return 0
@@ -95,8 +123,6 @@ def main(argv=None) -> int:
 
     from data_prep.scenes import read_scene
 
-    if args.images and len(args.images) != len(args.scene):
-        raise SystemExit("--images must be given once per --scene")
     images = args.images or [None] * len(args.scene)
     scenes = [read_scene(args.format, s, image_dir=img) for s, img in zip(args.scene, images)]
     cfg = BuildConfig(
@@ -120,10 +146,15 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
-        sys.exit(main())
-    except (FileNotFoundError, ValueError) as err:
-        # Bad input (missing file, wrong layout): one clear line instead of a traceback.
-        print(f"build_corr_dataset.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return run(args)
+    except (UsageError, ValueError, FileNotFoundError, OSError) as err:
+        # Bad input (missing file, wrong layout, bad camera): one clear line instead of a traceback.
+        print(f"{PROGRAM}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

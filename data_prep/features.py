@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,8 @@ __all__ = [
     "DEFAULT_NUM_KP",
     "DEFAULT_CONTRAST_THRESHOLD",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_NUM_KP = 2000
 #: Yi et al. lower SIFT's contrast threshold (1e-5) so that nearly every image yields num_kp points
@@ -144,7 +148,8 @@ class FeatureCache:
 
     The file name hashes the image's absolute path, size and modification time and the SIFT
     settings, so a changed image or setting is recomputed; files are written to a temporary name
-    and renamed, so an interrupted run never leaves a truncated cache entry.
+    and renamed, so an interrupted run never leaves a truncated cache entry. An entry that cannot be
+    read anyway (damaged on disk, edited) is reported with a warning naming it, deleted and recomputed.
     """
 
     def __init__(self, cache_dir, num_kp: int = DEFAULT_NUM_KP, contrast_threshold: float = DEFAULT_CONTRAST_THRESHOLD):
@@ -161,6 +166,17 @@ class FeatureCache:
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         return self.cache_dir / f"{image_path.stem}-{digest}.npz"
 
+    @staticmethod
+    def _load(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """One cache entry, checked (``ValueError`` when it is not what :meth:`compute` writes)."""
+        with np.load(path, allow_pickle=False) as data:
+            kpts, desc, size = data["kpts"], data["desc"], data["size"]
+        if kpts.ndim != 2 or kpts.shape[1] != 2 or desc.shape != (len(kpts), 128) or size.shape != (2,):
+            raise ValueError(f"unexpected shapes kpts {kpts.shape}, desc {desc.shape}, size {size.shape}")
+        if not (np.isfinite(kpts).all() and np.isfinite(desc).all()):
+            raise ValueError("NaN or infinite values")
+        return kpts, desc, (int(size[0]), int(size[1]))
+
     def has(self, image_path) -> bool:
         return self.path_for(image_path).is_file()
 
@@ -168,8 +184,14 @@ class FeatureCache:
         """Keypoints, descriptors and ``(width, height)`` of an image, from the cache when present."""
         path = self.path_for(image_path)
         if path.is_file():
-            with np.load(path) as data:
-                return data["kpts"], data["desc"], tuple(int(v) for v in data["size"])
+            try:
+                return self._load(path)
+            except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+                # A damaged entry (disk full, copied half-way, edited) would fail every rerun: rebuild it.
+                log.warning("feature cache file %s is unreadable (%s: %s); deleting it and recomputing the "
+                            "features of %s", path, type(err).__name__, str(err).splitlines()[0] if str(err) else "",
+                            image_path)
+                path.unlink(missing_ok=True)
         image = load_gray(image_path)
         kpts, desc = detect_sift(image, self.num_kp, self.contrast_threshold)
         size = (image.shape[1], image.shape[0])

@@ -83,6 +83,11 @@ class Scene:
             value = np.asarray(getattr(self, attr))
             if value.shape != shape:
                 raise ValueError(f"scene {self.name}: {attr} must have shape {shape}, got {value.shape}")
+        for attr in ("K", "R", "t", "sizes") if v else ():
+            bad = ~np.isfinite(np.asarray(getattr(self, attr), dtype=np.float64)).reshape(v, -1).all(axis=1)
+            if bad.any():
+                view = self.image_names[int(np.flatnonzero(bad)[0])]
+                raise ValueError(f"scene {self.name}: {attr} of view {view} holds NaN or infinite values")
         if self.covisibility is not None and np.asarray(self.covisibility).shape != (v, v):
             raise ValueError(f"scene {self.name}: covisibility must have shape {(v, v)}, got {np.shape(self.covisibility)}")
 
@@ -119,6 +124,26 @@ class Scene:
         return self.R[:, 2, :] / np.linalg.norm(self.R[:, 2, :], axis=-1, keepdims=True)
 
 
+def _check_camera(source, K, size, **values) -> None:
+    """``ValueError`` naming ``source`` (the camera file) unless the camera is usable.
+
+    Every number finite (a NaN focal length would silently make every pair "not covisible"),
+    positive focal lengths, ``K``'s last row ``[0, 0, 1]``, a positive integer image size.
+    """
+    K = np.asarray(K, dtype=np.float64)
+    for name, value in {"K": K, "size": size, **values}.items():
+        value = np.asarray(value, dtype=np.float64)
+        if not np.isfinite(value).all():
+            raise ValueError(f"{source}: {name} holds NaN or infinite values {value.reshape(-1).tolist()}")
+    if not (K[0, 0] > 0 and K[1, 1] > 0):
+        raise ValueError(f"{source}: focal lengths must be > 0, got fx={K[0, 0]:g}, fy={K[1, 1]:g}")
+    if not np.allclose(K[2], (0.0, 0.0, 1.0)):
+        raise ValueError(f"{source}: the last row of K must be [0, 0, 1], got {K[2].tolist()}")
+    w, h = np.asarray(size, dtype=np.float64).reshape(-1)[:2]
+    if not (w >= 1 and h >= 1 and w == int(w) and h == int(h)):
+        raise ValueError(f"{source}: image size must be positive whole pixels, got {w:g} x {h:g}")
+
+
 def _check_rotation(R: np.ndarray, source) -> None:
     # Loose tolerance: camera files store rotations with 6-9 digits.
     if not np.allclose(R @ R.T, np.eye(3), atol=1e-4) or np.linalg.det(R) < 0:
@@ -142,6 +167,7 @@ def read_strecha_camera(path) -> dict:
     R_cw = values[12:21].reshape(3, 3)  # camera-to-world (README: x_cam = R^T (X - C))
     C = values[21:24]
     w, h = values[24:26]
+    _check_camera(path, K, (w, h), distortion=dist, R=R_cw, C=C)
     if np.any(dist != 0):
         raise ValueError(f"{path}: non-zero radial distortion {dist.tolist()} is not supported (undistort first)")
     _check_rotation(R_cw, path)
@@ -193,12 +219,18 @@ def _read_yi_calibration(path: Path) -> dict:
             missing = [k for k in ("K", "R", "T", "imsize") if k not in h5]
             if missing:
                 raise ValueError(f"{path}: calibration file misses {missing}")
-            K = np.asarray(h5["K"][()], dtype=np.float64).reshape(3, 3)
-            R = np.asarray(h5["R"][()], dtype=np.float64).reshape(3, 3)
-            T = np.asarray(h5["T"][()], dtype=np.float64).reshape(3)
-            imsize = np.asarray(h5["imsize"][()], dtype=np.float64).reshape(-1)[:2]
+            try:
+                K = np.asarray(h5["K"][()], dtype=np.float64).reshape(3, 3)
+                R = np.asarray(h5["R"][()], dtype=np.float64).reshape(3, 3)
+                T = np.asarray(h5["T"][()], dtype=np.float64).reshape(3)
+                imsize = np.asarray(h5["imsize"][()], dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError) as err:  # wrong sizes or non-numeric data
+                raise ValueError(f"{path}: K and R must hold 3x3, T 3 and imsize 2 numbers ({err})") from None
+            if imsize.size != 2:
+                raise ValueError(f"{path}: imsize must hold 2 numbers (width, height), got {imsize.size}")
     except OSError as err:
         raise ValueError(f"cannot read calibration file {path}: {err}") from err
+    _check_camera(path, K, imsize, R=R, T=T)
     _check_rotation(R, path)
     w, h = imsize
     # The releases store the principal point as an offset from the image centre.
@@ -325,8 +357,11 @@ def read_colmap_scene(model_dir, image_dir, name: str | None = None) -> Scene:
                 f"COLMAP camera {img.camera_id} ({cam.model_name}) of image {img.name} has lens distortion "
                 f"{extra.tolist()}; undistort the images first (colmap image_undistorter)"
             )
-        Ks.append(np.asarray(cam.calibration_matrix(), dtype=np.float64))
+        K = np.asarray(cam.calibration_matrix(), dtype=np.float64)
         pose = img.cam_from_world()
+        _check_camera(f"COLMAP model {model_dir}, camera {img.camera_id} of image {img.name}", K,
+                      (cam.width, cam.height), R=np.asarray(pose.rotation.matrix()), t=np.asarray(pose.translation))
+        Ks.append(K)
         Rs.append(np.asarray(pose.rotation.matrix(), dtype=np.float64))
         ts.append(np.asarray(pose.translation, dtype=np.float64))
         sizes.append([cam.width, cam.height])

@@ -167,6 +167,16 @@ def test_cli_script_with_workers_and_shards(small_scene_dir, cache_dir, tmp_path
     bad = subprocess.run(common[:4] + ["--scene", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.h5")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "nowhere" in bad.stderr and "Traceback" not in bad.stderr
+    # an existing --out is refused up front (one line) unless --overwrite
+    before = (tmp_path / "cli.h5").stat().st_mtime_ns
+    again = subprocess.run(common + ["--out", str(tmp_path / "cli.h5")], capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [again.stderr.strip()]
+    assert "cli.h5 exists; pass --overwrite" in again.stderr
+    assert (tmp_path / "cli.h5").stat().st_mtime_ns == before
+    again = subprocess.run(common + ["--out", str(tmp_path / "cli.h5"), "--overwrite"], capture_output=True, text=True,
+                           cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "cli.h5").read_bytes() == reference.read_bytes()
     shards = []
     for i in range(2):
         path = tmp_path / f"shard{i}.h5"
@@ -220,6 +230,37 @@ def test_bad_inputs(small_scene_dir, cache_dir, tmp_path):
 
     with pytest.raises(ValueError, match="val_out"):
         build_dataset([scene], tmp_path / "x.h5", _cfg(cache_dir, val_fraction=0.2), progress=False)
+
+
+def test_cli_bad_camera_and_corrupt_cache(small_scene_dir, cache_dir, tmp_path):
+    scene = tmp_path / "scene"
+    shutil.copytree(small_scene_dir, scene, symlinks=True)
+    camera = scene / "cameras" / "0002.jpg.camera"
+    numbers = camera.read_text().split()
+    camera.write_text(" ".join(["nan"] + numbers[1:]) + "\n")
+    cmd = [sys.executable, str(ROOT / "data_prep" / "build_corr_dataset.py"), "--format", "strecha", "--scene",
+           str(scene), "--num-kp", str(NUM_KP), "--max-angle", "45", "--no-progress"]
+    res = subprocess.run(cmd + ["--out", str(tmp_path / "nan.h5"), "--cache-dir", str(cache_dir)],
+                         capture_output=True, text=True)
+    # not "no covisible pairs": an error naming the camera file, and no output file
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert "0002.jpg.camera" in res.stderr and "NaN" in res.stderr
+    assert not (tmp_path / "nan.h5").exists()
+    # a damaged feature-cache entry: a warning naming it, then rebuilt (the same file as from a good cache)
+    camera.write_text(" ".join(numbers) + "\n")
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_dir, cache)
+    reference = tmp_path / "ref.h5"
+    build_dataset([read_strecha_scene(scene)], reference, _cfg(cache, max_angle_deg=45), progress=False)
+    from data_prep.features import FeatureCache
+
+    entry = FeatureCache(cache, num_kp=NUM_KP).path_for(scene / "images" / "0001.jpg")
+    entry.write_bytes(entry.read_bytes()[:200])
+    res = subprocess.run(cmd + ["--out", str(tmp_path / "rebuilt.h5"), "--cache-dir", str(cache)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert str(entry) in res.stderr and "recomputing" in res.stderr
+    assert (tmp_path / "rebuilt.h5").read_bytes() == reference.read_bytes()
 
 
 def test_yi_fixture_builds_same_pairs_as_strecha(small_scene_dir, cache_dir, tmp_path):

@@ -81,3 +81,23 @@ def test_feature_cache_writes_once_and_reloads(strecha_root, tmp_path, monkeypat
     assert not FeatureCache(tmp_path / "cache", num_kp=100).has(image)
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
         cache.compute(tmp_path / "nope.jpg")
+
+
+def test_corrupt_cache_entry_is_reported_deleted_and_rebuilt(strecha_root, tmp_path, caplog):
+    image = strecha_root / "entry-P10" / "images" / "0001.jpg"
+    cache = FeatureCache(tmp_path / "cache", num_kp=50)
+    k, d, size = cache.compute(image)
+    entry = cache.path_for(image)
+    for damage in (entry.read_bytes()[:100], b"random bytes"):  # truncated, then not a zip at all
+        entry.write_bytes(damage)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="data_prep.features"):
+            k2, d2, size2 = cache.compute(image)
+        assert str(entry) in caplog.text and "recomputing" in caplog.text
+        np.testing.assert_array_equal(k, k2)
+        np.testing.assert_array_equal(d, d2)
+        assert size2 == size and cache.has(image)
+        # the rebuilt entry is good: no warning the next time
+        caplog.clear()
+        cache.compute(image)
+        assert "unreadable" not in caplog.text

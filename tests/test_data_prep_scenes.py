@@ -49,6 +49,15 @@ def test_strecha_missing_and_bad_camera(strecha_root, tmp_path):
         read_strecha_scene(scene_dir)
     with pytest.raises(FileNotFoundError, match="image folder"):
         read_strecha_scene(tmp_path / "nowhere")
+    # a NaN or a zero focal length is an error naming the camera file, not a scene without pairs
+    good = (strecha_root / "entry-P10" / "cameras" / "0001.jpg.camera").read_text().split()
+    for index, value, message in ((0, "nan", "NaN"), (4, "0", "focal lengths must be > 0"),
+                                  (24, "-5", "image size"), (22, "inf", "NaN or infinite")):
+        numbers = list(good)
+        numbers[index] = value
+        (scene_dir / "cameras" / "0001.jpg.camera").write_text(" ".join(numbers) + "\n")
+        with pytest.raises(ValueError, match=rf"0001.jpg.camera.*{message}"):
+            read_strecha_scene(scene_dir)
     with pytest.raises(FileNotFoundError, match="nope.camera"):
         read_strecha_camera(tmp_path / "nope.camera")
 
