@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["UsageError", "one_line", "check_writable_folder"]
+__all__ = ["UsageError", "one_line", "check_writable_folder", "load_weights_arg"]
 
 
 class UsageError(ValueError):
@@ -42,3 +42,37 @@ def check_writable_folder(folder, label: str) -> None:
             pass
     except OSError as exc:
         raise UsageError(f"{label}: cannot write to folder {probe} ({exc.strerror or exc})") from None
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def load_weights_arg(spec, option: str = "--weights", map_location="cpu"):
+    """``(model, path)`` of a weights argument (shipped name or file), UsageError naming it otherwise.
+
+    A file that torch cannot read (truncated, random bytes, an h5 dataset given by mistake) is
+    reported as such, not with torch's advice to load it with ``weights_only=False`` (which would
+    run code from an untrusted file).
+    """
+    from .pretrained import load_model, resolve_weights
+
+    try:
+        path = resolve_weights(spec)
+    except FileNotFoundError as exc:
+        raise UsageError(f"{option} {spec}: {one_line(exc)}") from None
+    try:
+        return load_model(path, map_location=map_location), path
+    except ValueError as exc:
+        if exc.__cause__ is None:  # our own check of a readable file: its message is informative
+            raise UsageError(f"{option} {spec}: {one_line(exc)}") from None
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8)
+        except OSError:
+            head = b""
+        kind = ("it is an HDF5 file (a dataset?), not a weight file" if head == _HDF5_SIGNATURE
+                else "truncated, corrupt or not a weight file")
+        raise UsageError(f"{option} {spec}: cannot read {path}: {kind}; weight files are written by "
+                         "n3sets.pretrained.save_model (train_corr.py --export)") from None
+    except Exception as exc:  # noqa: BLE001 -- e.g. weights that do not fit the model class of the file
+        raise UsageError(f"{option} {spec}: cannot load the model from {path}: {type(exc).__name__}: {one_line(exc)}") from None

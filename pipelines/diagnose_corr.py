@@ -23,22 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from n3sets.cli import UsageError, check_writable_folder, load_weights_arg, one_line
+from n3sets.essential import logits_to_weights
+from n3sets.evaluation import eight_point_pose, model_logits
+from n3sets.metrics import mean_average_precision
+from n3sets.pose import FAILED_POSE_ERROR, pose_error
+from n3sets.pretrained import weights_name
 
-from data_prep.corr_dataset import CorrespondenceDataset  # noqa: E402
-from n3sets.essential import logits_to_weights  # noqa: E402
-from n3sets.evaluation import eight_point_pose, model_logits  # noqa: E402
-from n3sets.metrics import mean_average_precision  # noqa: E402
-from n3sets.pose import FAILED_POSE_ERROR, pose_error  # noqa: E402
-from n3sets.pretrained import load_model, weights_name  # noqa: E402
+PROGRAM = "diagnose_corr.py"
 
 
 def eight_point_error(x1, x2, weights, mask, R_gt, t_gt) -> float:
@@ -81,20 +80,49 @@ def diagnose(dataset, models: dict, max_pairs: int | None = None) -> dict:
     return {"methods": methods, "num_pairs": n}
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="h5 dataset (data_prep schema)")
-    p.add_argument("--weights", nargs="+", required=True, help="shipped model names or weight-file paths")
+    p.add_argument("--weights", action="extend", nargs="+", required=True,
+                   help="shipped model names or weight-file paths (--weights a b = --weights a --weights b)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--max-pairs", type=int, help="only the first N pairs")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.max_pairs is not None and args.max_pairs < 1:
+        p.error("--max-pairs must be >= 1")
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
+    return args
+
+
+def run(args, argv=None) -> dict:
+    from data_prep.corr_dataset import CorrespondenceDataset
+
     torch.set_num_threads(args.threads)
-    models = {weights_name(w): load_model(w).eval() for w in args.weights}
+    if args.json:
+        if args.json.is_dir():
+            raise UsageError(f"--json {args.json} is a folder; give a file name")
+        check_writable_folder(args.json.parent, f"--json {args.json}")
+    if not args.data.is_file():
+        raise UsageError(f"--data {args.data}: no such file" if not args.data.exists() else f"--data {args.data}: not a file")
+    try:
+        dataset = CorrespondenceDataset(args.data)
+    except ValueError as exc:  # names the file (and pair)
+        raise UsageError(f"--data {one_line(exc)}") from None
+    if len(dataset) == 0:
+        raise UsageError(f"--data {args.data}: holds no pairs to diagnose")
+    models = {}
+    for spec in args.weights:
+        name = weights_name(spec)
+        if name in models or name == "labels":
+            raise UsageError(f"--weights: two models named {name!r} ({spec})" if name in models
+                             else f"--weights {spec}: the name 'labels' is taken by the ground-truth weighting")
+        models[name] = load_weights_arg(spec)[0].eval()
     # the pair dicts carry ratio/mutual: each model builds its own inputs (as in eval_corr.py)
     results = {"data": str(args.data), "weights": args.weights,
                "command": "python pipelines/diagnose_corr.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-               **diagnose(CorrespondenceDataset(args.data), models, args.max_pairs)}
+               **diagnose(dataset, models, args.max_pairs)}
     print(f"{'weighting':38s} {'mAP5':>6s} {'mAP10':>6s} {'mAP20':>6s} {'median':>7s} {'outlier weight':>14s}")
     for name, m in results["methods"].items():
         share = m.get("outlier_weight_share_median")
@@ -102,8 +130,19 @@ def main(argv=None) -> dict:
               f"{'' if share is None else f'{share:14.3f}'}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, args.json)
     return results
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        return run(args, argv)
+    except (UsageError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"{PROGRAM}: error: {one_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

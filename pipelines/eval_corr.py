@@ -21,22 +21,22 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
+from n3sets.cli import UsageError, check_writable_folder, load_weights_arg, one_line
+from n3sets.evaluation import BASELINES, evaluate_correspondences
+from n3sets.robust import DEFAULT_MAX_ITERS, DEFAULT_THRESHOLDS
 
-from n3sets.evaluation import BASELINES, evaluate_correspondences  # noqa: E402
-from n3sets.robust import DEFAULT_MAX_ITERS, DEFAULT_THRESHOLDS  # noqa: E402
+PROGRAM = "eval_corr.py"
 
 TABLE_COLUMNS = ("mAP5", "mAP10", "mAP20", "precision", "recall", "f1", "failures", "seconds_per_pair")
 HEADERS = {"seconds_per_pair": "s/pair"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROGRAM, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="correspondence h5 file (data_prep schema)")
-    p.add_argument("--weights", nargs="*", default=[], metavar="NAME_OR_PATH",
-                   help="shipped model names (see n3sets.pretrained.available_models) or weight files")
+    p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME_OR_PATH",
+                   help="shipped model names (see n3sets.pretrained.available_models) or weight files; "
+                        "--weights a b and --weights a --weights b are the same")
     p.add_argument("--json", help="write the results here (architecture.md contract)")
     p.add_argument("--png", help="write the accuracy-vs-threshold plot here")
     p.add_argument("--ratio", type=float, default=0.8, help="Lowe's ratio threshold (default 0.8)")
@@ -63,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--max-iters must be >= 1")
     if not 0 < args.ratio <= 1:
         p.error("--ratio must be in (0, 1]")
+    for option in ("threshold", "magsac_threshold"):
+        if not getattr(args, option) > 0:
+            p.error(f"--{option.replace('_', '-')} must be > 0")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
     return args
 
 
@@ -87,8 +92,13 @@ def load_baselines(path, data: Path, args, num_pairs: int) -> dict:
     """Baseline results of an earlier run, checked to match this run's data and settings."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--reuse-baselines: no such file {path}")
-    old = json.loads(path.read_text())
+        raise UsageError(f"--reuse-baselines {path}: no such file")
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict) or not isinstance(old.get("methods"), dict):
+            raise ValueError("no 'methods' object in it")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--reuse-baselines {path}: not a result file of {PROGRAM} ({one_line(exc)})") from None
     expected = {
         "num_pairs": num_pairs,
         "ratio_threshold": args.ratio,
@@ -98,20 +108,24 @@ def load_baselines(path, data: Path, args, num_pairs: int) -> dict:
     }
     for key, value in expected.items():
         if old.get(key) != value:
-            raise ValueError(f"--reuse-baselines {path}: {key} is {old.get(key)!r}, this run uses {value!r}")
-    if Path(old.get("data", "")).resolve() != data.resolve():
-        raise ValueError(f"--reuse-baselines {path}: made from {old.get('data')}, not {data}")
+            raise UsageError(f"--reuse-baselines {path}: {key} is {old.get(key)!r}, this run uses {value!r}")
+    if Path(str(old.get("data", ""))).resolve() != data.resolve():
+        raise UsageError(f"--reuse-baselines {path}: made from {old.get('data')}, not {data}")
     names = [n for n in BASELINES if n in old["methods"]]
     if not names:
-        raise ValueError(f"--reuse-baselines {path}: no baseline results in it")
-    per_pair = sum(old["methods"][n]["seconds_per_pair"] for n in names)
-    return {
-        "methods": {n: old["methods"][n] for n in names},
-        "errors": {n: old["errors"][n] for n in names},
-        "curves": {"thresholds": old["curves"]["thresholds"], **{n: old["curves"][n] for n in names}},
-        "pair_names": old["pair_names"],
-        "seconds": per_pair * num_pairs,
-    }
+        raise UsageError(f"--reuse-baselines {path}: no baseline results in it")
+    try:
+        per_pair = sum(old["methods"][n]["seconds_per_pair"] for n in names)
+        return {
+            "methods": {n: old["methods"][n] for n in names},
+            "errors": {n: old["errors"][n] for n in names},
+            "curves": {"thresholds": old["curves"]["thresholds"], **{n: old["curves"][n] for n in names}},
+            "pair_names": old["pair_names"],
+            "seconds": per_pair * num_pairs,
+        }
+    except (KeyError, TypeError) as exc:
+        raise UsageError(f"--reuse-baselines {path}: not a complete result file of {PROGRAM} "
+                         f"(missing or malformed entry {exc})") from None
 
 
 def plot_curves(result: dict, path: Path, title: str) -> None:
@@ -139,30 +153,53 @@ def plot_curves(result: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def check_output(option: str, value) -> Path:
+    """An output file argument, checked before any work (UsageError naming it)."""
+    path = Path(value)
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name")
+    check_writable_folder(path.parent, f"{option} {path}")
+    return path
+
+
+def open_data(data: Path):
+    """The dataset of ``--data`` (UsageError naming the file, and the pair, when it is not usable)."""
+    from data_prep.corr_dataset import CorrespondenceDataset
+
+    if not data.is_file():
+        raise UsageError(f"--data {data}: no such file" if not data.exists() else f"--data {data}: not a file")
+    try:
+        return CorrespondenceDataset(data, side_info=False)
+    except ValueError as exc:  # names the file (and pair): truncated, not h5, another schema, NaN, ...
+        raise UsageError(f"--data {one_line(exc)}") from None
+
+
+def run(args, argv=None) -> dict:
     import torch
 
-    from data_prep.corr_dataset import CorrespondenceDataset
-    from n3sets.pretrained import load_model, resolve_weights, weights_name
+    from n3sets.pretrained import weights_name
 
     if args.threads:
         torch.set_num_threads(args.threads)
     data = Path(args.data)
-    if not data.is_file():
-        raise FileNotFoundError(f"--data: no such file {data}")
+    for option in ("json", "png"):
+        if getattr(args, option):
+            check_output(f"--{option}", getattr(args, option))
+    dataset = open_data(data)
+    if len(dataset) == 0:
+        raise UsageError(f"--data {data}: holds no pairs to evaluate")
     models, weight_files = {}, {}
     for spec in args.weights:
         name = weights_name(spec)
         if name in models:
-            raise ValueError(f"--weights: two models named {name!r}")
-        path = resolve_weights(spec)
+            raise UsageError(f"--weights: two models named {name!r} ({spec})")
+        if name in BASELINES:
+            raise UsageError(f"--weights {spec}: the name {name!r} is a baseline's; rename the file")
+        models[name], path = load_weights_arg(spec)
         weight_files[name] = {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-        models[name] = load_model(spec)
 
-    dataset = CorrespondenceDataset(data, side_info=False)
-    if args.max_pairs is not None and args.max_pairs < len(dataset):
-        dataset = CorrespondenceDataset(data, side_info=False, pairs=list(range(args.max_pairs)))
+    if args.max_pairs is not None:
+        dataset.keys = dataset.keys[: args.max_pairs]  # the file was checked whole: no second pass
 
     progress = None
     if not args.quiet:
@@ -193,7 +230,7 @@ def main(argv=None) -> dict:
     elapsed = time.perf_counter() - start
     if reused is not None:
         if reused["pair_names"] != result["pair_names"]:
-            raise ValueError(f"--reuse-baselines {args.reuse_baselines}: pairs differ from {data}")
+            raise UsageError(f"--reuse-baselines {args.reuse_baselines}: pairs differ from {data}")
         for key in ("methods", "errors", "curves"):
             result[key] = {**reused[key], **result[key]}
         elapsed += reused["seconds"]
@@ -228,6 +265,15 @@ def main(argv=None) -> dict:
         plot_curves(result, Path(args.png), f"{data.name}: {result['num_pairs']} pairs")
         print(f"wrote {args.png}")
     return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        return run(args, argv)
+    except (UsageError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"{PROGRAM}: error: {one_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -72,3 +72,23 @@ def test_cli_writes_json(data, tmp_path):
     assert set(saved["methods"]) == {"labels", "tiny", "tiny|inliers", "tiny|binary"}
     assert 0.0 <= saved["methods"]["tiny"]["outlier_weight_share_median"] <= 1.0
     assert saved["command"].startswith("python pipelines/diagnose_corr.py --data")
+
+
+def test_cli_weights_forms_and_bad_input(data, tmp_path, capsys):
+    diag = _load()
+    a = diag.parse_args(["--data", "d.h5", "--weights", "x", "--weights", "y"])
+    b = diag.parse_args(["--data", "d.h5", "--weights", "x", "y"])
+    assert a.weights == b.weights == ["x", "y"]
+    path, _ = data
+    empty = tmp_path / "empty.h5"
+    empty.write_bytes(b"")
+    for argv, words in ((["--data", str(tmp_path / "nope.h5"), "--weights", "x"], ("--data", "nope.h5", "no such file")),
+                        (["--data", str(empty), "--weights", "x"], ("empty.h5", "not a readable HDF5 file")),
+                        (["--data", str(path), "--weights", "no-such-model"], ("--weights no-such-model",)),
+                        (["--data", str(path), "--weights", str(path)], ("HDF5 file", "not a weight file"))):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            diag.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("diagnose_corr.py: error: "), err
+        assert all(w in err[0] for w in words), err[0]

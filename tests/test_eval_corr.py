@@ -115,7 +115,18 @@ def _check_json(path, names, num_pairs):
     return out
 
 
-def test_cli_with_saved_model_on_synthetic(synthetic_pairs, tmp_path):
+def _cli_error(cli, argv, capsys) -> str:
+    """The one stderr line of a refused eval_corr.py run (exit code 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main([str(a) for a in argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eval_corr.py: error: "), err
+    return err[0]
+
+
+def test_cli_with_saved_model_on_synthetic(synthetic_pairs, tmp_path, capsys):
     from n3sets.models import CNNet
     from n3sets.pretrained import save_model
 
@@ -136,20 +147,36 @@ def test_cli_with_saved_model_on_synthetic(synthetic_pairs, tmp_path):
     out2 = _check_json(again, names, 3)
     assert out2["methods"]["ransac"] == out["methods"]["ransac"]
     assert out2["methods"]["tiny-cnnet"]["mAP20"] == out["methods"]["tiny-cnnet"]["mAP20"]
-    with pytest.raises(ValueError, match="thresholds"):
-        cli.main(["--data", str(data), "--max-pairs", "3", "--threshold", "2e-3", "--quiet",
-                  "--reuse-baselines", str(out_json)])
+    err = _cli_error(cli, ["--data", data, "--max-pairs", "3", "--threshold", "2e-3", "--quiet",
+                           "--reuse-baselines", out_json], capsys)
+    assert "--reuse-baselines" in err and "thresholds" in err
     assert out_png.stat().st_size > 1000
 
 
-def test_cli_missing_inputs(tmp_path):
+def test_cli_missing_inputs(synthetic_pairs, tmp_path, capsys):
     cli = _load_cli()
-    with pytest.raises(FileNotFoundError, match="nope.h5"):
-        cli.main(["--data", str(tmp_path / "nope.h5")])
+    err = _cli_error(cli, ["--data", tmp_path / "nope.h5"], capsys)
+    assert "--data" in err and "nope.h5" in err and "no such file" in err
     data = tmp_path / "empty.h5"
     data.touch()
-    with pytest.raises(FileNotFoundError, match="no-such-model"):
-        cli.main(["--data", str(data), "--weights", "no-such-model"])
+    err = _cli_error(cli, ["--data", data], capsys)
+    assert "empty.h5" in err and "not a readable HDF5 file" in err
+    good, _ = synthetic_pairs
+    err = _cli_error(cli, ["--data", good, "--weights", "no-such-model"], capsys)
+    assert "--weights no-such-model" in err and "not a shipped model name" in err
+    # an h5 dataset given as weights: said plainly, without torch's advice to unpickle it anyway
+    err = _cli_error(cli, ["--data", good, "--weights", good], capsys)
+    assert "HDF5 file" in err and "weights_only" not in err
+    err = _cli_error(cli, ["--data", good, "--json", tmp_path], capsys)
+    assert "--json" in err and "folder" in err
+
+
+def test_cli_weights_repeated_or_listed_mean_the_same():
+    cli = _load_cli()
+    a = cli.parse_args(["--data", "d.h5", "--weights", "x", "--weights", "y"])
+    b = cli.parse_args(["--data", "d.h5", "--weights", "x", "y"])
+    assert a.weights == b.weights == ["x", "y"]
+    assert cli.parse_args(["--data", "d.h5"]).weights == []
 
 
 @pytest.fixture(scope="module")
