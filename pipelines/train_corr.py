@@ -35,10 +35,6 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO))
-
 from data_prep.corr_dataset import CorrespondenceDataset, collate_sets  # noqa: E402
 from n3sets.essential import logits_to_weights, weighted_eight_point  # noqa: E402
 from n3sets.geometry import essential_from_pose  # noqa: E402
@@ -51,6 +47,9 @@ from n3sets.training import (all_reduce_sums, atomic_torch_save, barrier, check_
                              command_line, dist_setup, dist_teardown, export_target, gather_lists,
                              load_checkpoint, progress_bar, rng_state, save_figure_atomic, scheduled_lr,
                              seed_all, set_rng_state, write_logs)
+from n3sets.cli import UsageError, check_writable_folder, one_line  # noqa: E402
+
+PROGRAM = "train_corr.py"
 
 MODELS = {"cnnet": CNNet, "n3net": N3Net}
 
@@ -71,7 +70,7 @@ CSV_FIELDS = ["epoch", "step", "lr", "train_loss", "train_cls", "train_ess", "va
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--train", type=Path, help="training h5 (data_prep schema); omit for the synthetic default")
     p.add_argument("--val", type=Path, help="validation h5")
@@ -166,7 +165,7 @@ def model_conf_from_args(args) -> dict:
                        ("n3_after", args.n3_after), ("embed_channels", args.embed_channels)):
         if value is not None:
             if key not in MODELS[args.model].default_conf:
-                raise SystemExit(f"--{key.replace('_', '-')} does not apply to --model {args.model}")
+                raise UsageError(f"--{key.replace('_', '-')} does not apply to --model {args.model}")
             conf[key] = value
     if args.refine_stage:
         conf["refine_stage"] = {}
@@ -313,30 +312,40 @@ def init_weights(model, model_name: str, source: str) -> dict:
     """
     from n3sets.pretrained import check_weight_payload, resolve_weights
 
-    path = resolve_weights(source)
-    raw = torch.load(path, map_location="cpu", weights_only=False)  # a checkpoint holds RNG state
+    try:
+        path = resolve_weights(source)
+    except FileNotFoundError as exc:
+        raise UsageError(f"--init {source}: {one_line(exc)}") from None
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False)  # a checkpoint holds RNG state
+    except Exception as exc:  # noqa: BLE001 -- truncated, corrupt or another kind of file
+        raise UsageError(f"--init {source}: cannot read {path} (truncated, corrupt, or neither a weight file nor "
+                         f"a checkpoint: {type(exc).__name__})") from None
     if isinstance(raw, dict) and "model_name" in raw and "model" in raw:  # a train_corr checkpoint
         name, conf, state = raw["model_name"], raw["model_conf"], raw["model"]
         origin = {"command": " && ".join(raw.get("commands", [raw.get("command", "")])), "epochs": int(raw["epoch"])}
     else:
-        w = check_weight_payload(raw, path)
+        try:
+            w = check_weight_payload(raw, path)
+        except ValueError as exc:
+            raise UsageError(f"--init {source}: {one_line(exc)}") from None
         name, conf, state = w["class"].lower(), w["conf"], w["state_dict"]
         meta = w.get("meta", {})
         origin = {"command": meta.get("command", ""), "epochs": meta.get("epochs")}
     if name != model_name:
-        raise SystemExit(f"--init: {path} holds a {name}, not a {model_name}; use the same --model")
+        raise UsageError(f"--init: {path} holds a {name}, not a {model_name}; use the same --model")
     conf = MODELS[name].resolve_conf(conf)  # a file from an older version lacks newer keys
     target = model.conf
     first_stage_only = conf["refine_stage"] is None and target["refine_stage"] is not None
     if first_stage_only:  # a one-stage model becomes the first stage; the refinement stage starts fresh
         target = {**target, "refine_stage": None}
     if conf != target:
-        raise SystemExit(f"--init: {path} holds {name} {conf}, not {model_name} {model.conf}; use the same model options")
+        raise UsageError(f"--init: {path} holds {name} {conf}, not {model_name} {model.conf}; use the same model options")
     if first_stage_only:
         missing, unexpected = model.load_state_dict(state, strict=False)
         stray = [k for k in missing if not k.startswith("refine_stage.")] + list(unexpected)
         if stray:
-            raise SystemExit(f"--init: {path} does not fit the first stage of {model_name}: {stray[:5]}")
+            raise UsageError(f"--init: {path} does not fit the first stage of {model_name}: {stray[:5]}")
     else:
         model.load_state_dict(state)
     return {"source": str(source), "path": str(path), "first_stage_only": first_stage_only, **origin}
@@ -348,15 +357,63 @@ def lr_at(args, epoch: int) -> float:
     return scheduled_lr(args.lr, args.lr_decay, args.lr_decay_epochs, epoch)
 
 
+def check_outputs(args) -> None:
+    """UsageError, before anything is written, for an --out or --export that cannot be written."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    check_writable_folder(out, f"--out {out}")
+    if args.export:
+        target = export_target(args.export, WEIGHTS_DIR)
+        if target.is_dir():
+            raise UsageError(f"--export {args.export}: {target} is a folder; give a weight-file name")
+        check_writable_folder(target.parent, f"--export {args.export}")
+
+
+def open_sets(args) -> tuple[CorrespondenceDataset, CorrespondenceDataset]:
+    """The training and validation sets, each file checked whole (UsageError naming the file and pair)."""
+    max_matches = args.max_matches if args.max_matches and args.max_matches > 0 else None
+    train_kw = {"max_matches": max_matches, "seed": args.seed, "augment_swap": args.augment_swap,
+                "augment_rotation": args.augment_rotation}
+    sets = []
+    for option, path, kw, limit, use in (("--train", args.train, train_kw, args.max_train_pairs, "train on"),
+                                          ("--val", args.val, {}, args.max_val_pairs, "validate on")):
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"{option} {path}: no such file" if not path.exists() else f"{option} {path}: not a file")
+        try:
+            ds = CorrespondenceDataset(path, side_info=args.side_info, **kw)
+        except ValueError as exc:  # truncated, not h5, another schema, NaN, ...: the message names file and pair
+            raise UsageError(f"{option} {one_line(exc)}") from None
+        if limit:
+            ds.keys = ds.keys[:limit]
+        if len(ds) == 0:
+            raise UsageError(f"{option} {path}: holds no pairs to {use}")
+        sets.append(ds)
+    return sets[0], sets[1]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    try:
+        return run(args, argv)
+    except SystemExit as exc:  # n3sets.training's checks (existing run, unreadable checkpoint) exit with a message
+        if not isinstance(exc.code, str):
+            raise
+        print(f"{PROGRAM}: error: {one_line(exc.code)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (UsageError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"{PROGRAM}: error: {one_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(args, argv=None) -> dict:
     rank, world = dist_setup(args.threads)
     command = command_line("pipelines/train_corr.py", argv, world)
     out: Path = args.out
     # the embedded default is a demo that may be rerun freely; a real run is never replaced silently
     check_out_dir(out, args.resume, args.overwrite, exempt=args.train is None)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    check_outputs(args)
     if args.train is None:
         args.train, args.val = prepare_default_data(out, rank, world, args.seed)
         if rank == 0:
@@ -364,14 +421,8 @@ def main(argv=None) -> dict:
 
     seed_all(args.seed)
 
-    max_matches = args.max_matches if args.max_matches and args.max_matches > 0 else None
-    train_set = CorrespondenceDataset(args.train, side_info=args.side_info, max_matches=max_matches, seed=args.seed,
-                                      augment_swap=args.augment_swap, augment_rotation=args.augment_rotation)
-    val_set = CorrespondenceDataset(args.val, side_info=args.side_info)
-    if args.max_train_pairs:
-        train_set.keys = train_set.keys[: args.max_train_pairs]
-    if args.max_val_pairs:
-        val_set.keys = val_set.keys[: args.max_val_pairs]
+    # every input is checked before OUT is created: a bad input leaves no empty run folder behind
+    train_set, val_set = open_sets(args)
     # one sampler in both modes: the order depends on (seed, epoch) only, so --resume is exact
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_sets,
@@ -390,7 +441,7 @@ def main(argv=None) -> dict:
     if args.resume and last_path.is_file():
         ckpt = load_checkpoint(last_path)  # written by this program
         if ckpt["model_name"] != args.model or MODELS[args.model].resolve_conf(ckpt["model_conf"]) != model.conf:
-            raise SystemExit(f"--resume: {last_path} holds {ckpt['model_name']} {ckpt['model_conf']}, "
+            raise UsageError(f"--resume: {last_path} holds {ckpt['model_name']} {ckpt['model_conf']}, "
                              f"not {args.model} {model.conf}; use the same model options")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -415,6 +466,8 @@ def main(argv=None) -> dict:
             init = init_weights(model, args.model, args.init)
             if rank == 0:
                 print(f"initialised from {args.init}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
 
     net = model
     if world > 1:

@@ -39,6 +39,21 @@ def tiny_data(tmp_path_factory):
     return Path(train), Path(val)
 
 
+def _refused(pipeline, argv, capsys, pattern=None) -> str:
+    """A run refused with exit code 2 and one stderr line ``train_corr.py: error: ...`` matching ``pattern``."""
+    import re
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        pipeline.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_corr.py: error: "), err
+    if pattern:
+        assert re.search(pattern, err[0]), err[0]
+    return err[0]
+
+
 def _args(data, out, *extra):
     train, val = data
     return ["--train", str(train), "--val", str(val), "--out", str(out), *TINY, *extra]
@@ -87,22 +102,21 @@ def test_resume_continues_exactly(pipeline, tiny_data, tmp_path):
     assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
 
 
-def test_resume_refuses_a_different_model(pipeline, tiny_data, tmp_path):
+def test_resume_refuses_a_different_model(pipeline, tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
     pipeline.main(_args(tiny_data, out, "--epochs", "1"))
-    with pytest.raises(SystemExit, match="same model options"):
-        pipeline.main(_args(tiny_data, out, "--epochs", "2", "--resume", "--channels", "16"))
+    _refused(pipeline, _args(tiny_data, out, "--epochs", "2", "--resume", "--channels", "16"), capsys,
+             "same model options")
 
 
-def test_existing_run_is_never_replaced_silently(pipeline, tiny_data, tmp_path):
+def test_existing_run_is_never_replaced_silently(pipeline, tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
     pipeline.main(_args(tiny_data, out, "--epochs", "1"))
     before = (out / "last.pt").read_bytes()
-    with pytest.raises(SystemExit, match=r"already holds a training run.*--resume.*--overwrite"):
-        pipeline.main(_args(tiny_data, out, "--epochs", "2"))
+    _refused(pipeline, _args(tiny_data, out, "--epochs", "2"), capsys,
+             r"already holds a training run.*--resume.*--overwrite")
     assert (out / "last.pt").read_bytes() == before  # refused before anything was written
-    with pytest.raises(SystemExit, match="contradict"):
-        pipeline.main(_args(tiny_data, out, "--epochs", "2", "--resume", "--overwrite"))
+    _refused(pipeline, _args(tiny_data, out, "--epochs", "2", "--resume", "--overwrite"), capsys, "contradict")
     pipeline.main(_args(tiny_data, out, "--epochs", "1", "--overwrite", "--seed", "1"))
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 1 and len(ckpt["commands"]) == 1 and "--overwrite" in ckpt["commands"][0]
@@ -124,12 +138,37 @@ def test_torchrun_two_processes(tiny_data, tmp_path):
     assert ckpt["best"]["num_pairs"] == 4
 
 
-def test_bad_arguments(pipeline, tiny_data, tmp_path):
+def test_bad_arguments(pipeline, tiny_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         pipeline.main(["--train", str(tiny_data[0]), "--out", str(tmp_path)])  # --val missing
-    with pytest.raises(FileNotFoundError, match="nothing.h5"):
-        pipeline.main(["--train", str(tmp_path / "nothing.h5"), "--val", str(tiny_data[1]), "--out", str(tmp_path),
-                       "--threads", "1"])
+    out = tmp_path / "run"
+    _refused(pipeline, ["--train", str(tmp_path / "nothing.h5"), "--val", str(tiny_data[1]), "--out", str(out),
+                        "--threads", "1"], capsys, r"--train \S*nothing.h5: no such file")
+    assert not out.exists()  # no empty run folder left behind
+
+
+def test_bad_data_is_refused_before_anything_is_written(pipeline, tiny_data, tmp_path, capsys):
+    import h5py
+
+    wrong, empty = tmp_path / "wrong.h5", tmp_path / "empty.h5"
+    with h5py.File(wrong, "w") as f:
+        f["something"] = [1.0, 2.0]
+    with h5py.File(empty, "w") as f:
+        f.attrs["schema_version"] = 1
+    out = tmp_path / "run"
+    _refused(pipeline, _args((wrong, tiny_data[1]), out), capsys, r"--train \S*wrong.h5: not a correspondence dataset")
+    _refused(pipeline, _args((empty, tiny_data[1]), out), capsys, r"--train \S*empty.h5: holds no pairs")
+    _refused(pipeline, _args((tiny_data[0], empty), out), capsys, r"--val \S*empty.h5: holds no pairs")
+    _refused(pipeline, _args(tiny_data, tmp_path / "run2", "--init", str(wrong)), capsys, r"--init \S*wrong.h5: cannot read")
+    assert not out.exists() and not (tmp_path / "run2").exists()
+
+
+def test_truncated_last_checkpoint_points_at_best(pipeline, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    pipeline.main(_args(tiny_data, out, "--epochs", "1"))
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[: len(data) // 2])
+    _refused(pipeline, _args(tiny_data, out, "--epochs", "2", "--resume"), capsys, r"last.pt.*best.pt")
 
 
 def test_lr_step_schedule_is_logged_and_survives_resume(pipeline, tiny_data, tmp_path):
@@ -161,7 +200,7 @@ def test_clip_grad_norm_is_applied_every_step(pipeline, tiny_data, tmp_path, mon
         pipeline.main(_args(tiny_data, tmp_path / "bad", "--epochs", "1", "--clip-grad-norm", "-1"))
 
 
-def test_init_from_weights_and_augmentation_flags(pipeline, tiny_data, tmp_path):
+def test_init_from_weights_and_augmentation_flags(pipeline, tiny_data, tmp_path, capsys):
     first = tmp_path / "first"
     export = tmp_path / "first.pt"
     pipeline.main(_args(tiny_data, first, "--epochs", "1", "--export", str(export)))
@@ -180,8 +219,8 @@ def test_init_from_weights_and_augmentation_flags(pipeline, tiny_data, tmp_path)
         for key, value in want.items():
             if value.is_floating_point() and "running" not in key:  # batch-norm statistics move with lr 0
                 assert torch.equal(value, ckpt["model"][key]), key
-    with pytest.raises(SystemExit, match="same model options"):
-        pipeline.main(_args(tiny_data, tmp_path / "bad", "--epochs", "1", "--init", str(export), "--channels", "16"))
+    _refused(pipeline, _args(tiny_data, tmp_path / "bad", "--epochs", "1", "--init", str(export), "--channels", "16"),
+             capsys, "same model options")
     # augmentation: trains, and the flags are range-checked
     out = tmp_path / "aug"
     pipeline.main(_args(tiny_data, out, "--epochs", "1", "--augment-swap", "0.5", "--augment-rotation", "15"))
@@ -192,7 +231,7 @@ def test_init_from_weights_and_augmentation_flags(pipeline, tiny_data, tmp_path)
             pipeline.main(_args(tiny_data, tmp_path / "bad2", "--epochs", "1", *bad))
 
 
-def test_refine_stage_trains_and_starts_from_a_one_stage_model(pipeline, tiny_data, tmp_path):
+def test_refine_stage_trains_and_starts_from_a_one_stage_model(pipeline, tiny_data, tmp_path, capsys):
     one = tmp_path / "one.pt"
     pipeline.main(_args(tiny_data, tmp_path / "one", "--epochs", "1", "--export", str(one)))
     out = tmp_path / "two"
@@ -210,5 +249,5 @@ def test_refine_stage_trains_and_starts_from_a_one_stage_model(pipeline, tiny_da
     assert any(k.startswith("refine_stage.") for k in ckpt["model"])
     assert not any(k.startswith("refine_stage.") for k in load_model(one).state_dict())
     # a two-stage source cannot seed a one-stage model
-    with pytest.raises(SystemExit, match="same model options"):
-        pipeline.main(_args(tiny_data, tmp_path / "bad", "--epochs", "1", "--init", str(out / "two.pt")))
+    _refused(pipeline, _args(tiny_data, tmp_path / "bad", "--epochs", "1", "--init", str(out / "two.pt")), capsys,
+             "same model options")
