@@ -1,6 +1,11 @@
 """torch.hub entry points: the shipped models of this repository by name.
 
-    import torch
+    from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from n3sets.match_filter import MatchFilter
     model = torch.hub.load("/path/to/checkout", "n3net_strecha", source="local")
     mf = torch.hub.load("/path/to/checkout", "match_filter", source="local", name="cnnet-strecha")
     torch.hub.list("/path/to/checkout", source="local")
@@ -159,7 +164,7 @@ def n3net_hetero(pretrained: bool = True, map_location: str | torch.device = "cp
 # ----------------------------------------------------------------------------- user-facing API
 
 
-def match_filter(name: str = "n3net-strecha", device: str | torch.device = "cpu", **conf):
+def match_filter(name: str = "n3net-strecha", device: str | torch.device = "cpu", **conf: object) -> MatchFilter:
     """A ready :class:`n3sets.MatchFilter` (learned outlier filter of putative matches).
 
     Args:
