@@ -25,13 +25,15 @@ import json
 import logging
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from n3sets.cli import UsageError, check_writable_folder, load_weights_arg, one_line
 
+PROGRAM = "filter_matches.py"
 log = logging.getLogger("filter_matches")
 
 #: At most this many match lines of each colour are drawn (a random subset beyond), so that
@@ -59,13 +61,22 @@ def rotation_angle_deg(R: np.ndarray) -> float:
     return float(angle_between_rotations(R, torch.eye(3, dtype=R.dtype)))
 
 
+def _parse_K(option: str, value: str) -> np.ndarray:
+    from data_prep.colmap_export import parse_intrinsics
+
+    try:
+        return parse_intrinsics(value)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"{option}: {one_line(exc)}") from None
+
+
 def _intrinsics(args, which: int, path: Path, width: int, height: int) -> tuple[np.ndarray, str]:
-    from data_prep.colmap_export import guess_intrinsics, parse_intrinsics
+    from data_prep.colmap_export import guess_intrinsics
 
     given = args.K1 if which == 1 else (args.K2 or args.K1)
     if given:
-        return parse_intrinsics(given), "given"
-    if args.focal:
+        return _parse_K("--K1" if which == 1 or not args.K2 else "--K2", given), "given"
+    if args.focal is not None:  # checked > 0 in check_args
         f = float(args.focal)
         return np.array([[f, 0, (width - 1) / 2], [0, f, (height - 1) / 2], [0, 0, 1.0]]), "focal"
     K, source = guess_intrinsics(path, width, height)
@@ -74,6 +85,25 @@ def _intrinsics(args, which: int, path: Path, width: int, height: int) -> tuple[
         "principal point at the image centre. The pose is only as good as this guess.",
         path, K[0, 0], "the EXIF 35 mm focal length" if source == "exif" else "1.2 * max(width, height)")
     return K, f"guess-{source}"
+
+
+#: Width of a monospace character as a fraction of the font size (DejaVu Sans Mono: 0.602).
+CHAR_WIDTH = 0.61
+
+
+def caption_layout(text: str, width_px: float, max_size: float = 11.0, min_size: float = 6.0,
+                   min_chars: int = 60) -> tuple[float, list[str]]:
+    """Font size (points) and lines of a monospace caption that fit ``width_px`` pixels at 100 dpi.
+
+    The font shrinks from ``max_size`` until ``min_chars`` characters (or the whole text) fit on
+    a line, but not below ``min_size``; what is still too long is wrapped at word boundaries.
+    """
+    px_per_char = CHAR_WIDTH * 100.0 / 72.0  # per point of font size
+    usable = max(width_px - 12.0, 1.0)  # a small margin on both sides
+    size = max(min_size, min(max_size, usable / (max(min(len(text), min_chars), 1) * px_per_char)))
+    chars = max(1, int(usable / (size * px_per_char)))
+    lines = textwrap.wrap(text, width=chars, break_long_words=True, break_on_hyphens=False) or [""]
+    return size, lines
 
 
 def draw_matches(img1: np.ndarray, img2: np.ndarray, kpts1: np.ndarray, kpts2: np.ndarray,
@@ -105,33 +135,58 @@ def draw_matches(img1: np.ndarray, img2: np.ndarray, kpts1: np.ndarray, kpts2: n
     canvas[: b.shape[0], a.shape[1] + gap:] = b
     offset = a.shape[1] + gap
 
+    rng = np.random.default_rng(seed)
+    legend, drawn = [], []
+    for mask, colour, width, alpha, label in ((~inliers, "red", 0.6, 0.45, "rejected"),
+                                              (inliers, "lime", 1.0, 0.9, "kept")):
+        idx = np.flatnonzero(mask)
+        shown = idx if idx.size <= max_lines else np.sort(rng.choice(idx, max_lines, replace=False))
+        drawn.append((shown, colour, width, alpha))
+        legend.append(f"{label}: {idx.size}" + (f" ({shown.size} drawn)" if shown.size < idx.size else ""))
+
     width_in = min(canvas.shape[1] / 100.0, 24.0)
-    height_in = width_in * canvas.shape[0] / canvas.shape[1] + 0.9
+    # the caption is shrunk and wrapped to the picture's width (a narrow pair would cut it off)
+    size, lines = caption_layout(caption + "   [" + ", ".join(legend) + "]", width_in * 100.0)
+    caption_in = (len(lines) * size * 1.3 + 12.0) / 72.0
+    height_in = width_in * canvas.shape[0] / canvas.shape[1] + caption_in
     fig = plt.figure(figsize=(width_in, height_in), dpi=100)
-    ax = fig.add_axes([0, 0.9 / height_in, 1, 1 - 0.9 / height_in])
+    ax = fig.add_axes([0, caption_in / height_in, 1, 1 - caption_in / height_in])
     # Darken the photographs a little so that the coloured lines stand out.
     ax.imshow((canvas * 0.75 + 32).astype(np.uint8), interpolation="bilinear")
     ax.set_xlim(0, canvas.shape[1])
     ax.set_ylim(canvas.shape[0], 0)
     ax.axis("off")
 
-    rng = np.random.default_rng(seed)
-    legend = []
-    for mask, colour, width, alpha, label in ((~inliers, "red", 0.6, 0.45, "rejected"),
-                                              (inliers, "lime", 1.0, 0.9, "kept")):
-        idx = np.flatnonzero(mask)
-        shown = idx if idx.size <= max_lines else np.sort(rng.choice(idx, max_lines, replace=False))
+    for shown, colour, width, alpha in drawn:
         if shown.size:
             segments = np.stack([kpts1[shown], kpts2[shown] + [offset, 0]], axis=1)
             ax.add_collection(LineCollection(segments, colors=colour, linewidths=width, alpha=alpha))
             ax.scatter(segments[:, :, 0].ravel(), segments[:, :, 1].ravel(), s=3, c=colour, alpha=alpha, linewidths=0)
-        legend.append(f"{label}: {idx.size}" + (f" ({shown.size} drawn)" if shown.size < idx.size else ""))
-    fig.text(0.005, 0.45 * 0.9 / height_in, caption + "   [" + ", ".join(legend) + "]",
-             fontsize=11, va="center", ha="left", family="monospace")
+    fig.text(6.0 / (width_in * 100.0), 0.5 * caption_in / height_in, "\n".join(lines), fontsize=size,
+             va="center", ha="left", family="monospace", linespacing=1.2)
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def check_args(args) -> None:
+    """UsageError naming the argument, before any work (the model, SIFT) is done."""
+    if args.focal is not None and not (math.isfinite(args.focal) and args.focal > 0):
+        raise UsageError(f"--focal {args.focal:g}: the focal length must be > 0 (pixels)")
+    if args.num_kp < 1:
+        raise UsageError(f"--num-kp {args.num_kp}: must be >= 1")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise UsageError(f"--threshold {args.threshold:g}: an inlier probability in [0, 1]")
+    if args.max_lines < 0:
+        raise UsageError(f"--max-lines {args.max_lines}: must be >= 0")
+    for option in ("K1", "K2"):
+        if getattr(args, option):
+            _parse_K(f"--{option}", getattr(args, option))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (matches.json and matches.png are written into it)")
+    check_writable_folder(out, f"--out {out}")
 
 
 def run(args) -> dict:
@@ -141,8 +196,13 @@ def run(args) -> dict:
     from n3sets.match_filter import MatchFilter
 
     t0 = time.time()
+    check_args(args)
     # The model first: a wrong --weights fails before any image work.
-    mf = MatchFilter.from_pretrained(args.weights, device=args.device)
+    model, _ = load_weights_arg(args.weights)
+    try:
+        mf = MatchFilter(model, device=args.device)
+    except ValueError as exc:
+        raise UsageError(f"--device {args.device}: {one_line(exc)}") from None
     paths = [Path(args.image1), Path(args.image2)]
     grays = [load_gray(p) for p in paths]  # FileNotFoundError / ValueError naming the path
     Ks, sources = [], []
@@ -211,7 +271,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image1")
     parser.add_argument("image2")
@@ -233,8 +293,8 @@ def main(argv=None) -> int:
         parser.error("--K2 needs --K1")
     try:
         out = run(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (UsageError, FileNotFoundError, ValueError, OSError) as err:
+        print(f"{PROGRAM}: error: {one_line(err)}", file=sys.stderr)
         return 2
     c = out["counts"]
     print(f"{c['putative']} putative matches, {c['inliers']} kept; "

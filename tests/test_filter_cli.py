@@ -92,3 +92,64 @@ def test_cli_unreadable_image(tmp_path, weights, cli_main, capsys):
     rc = cli_main([str(bad), str(bad), "--weights", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")])
     assert rc == 2 and "nope.pt" in capsys.readouterr().err
     assert not (tmp_path / "o" / "matches.json").exists()
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("filter_matches.py: error: "), err
+    return err[0]
+
+
+def test_cli_bad_arguments_are_refused_up_front(strecha_root, weights, tmp_path, cli_main, capsys):
+    images = strecha_root / "entry-P10" / "images"
+    pair = [str(images / "0003.jpg"), str(images / "0004.jpg"), "--weights", str(weights)]
+    for extra, words in ((["--focal", "0"], ("--focal 0", "> 0")),  # 0 is not "no focal given"
+                         (["--focal", "-800"], ("--focal -800", "> 0")),
+                         (["--focal", "nan"], ("--focal nan",)),
+                         (["--num-kp", "0"], ("--num-kp 0",)),
+                         (["--threshold", "1.5"], ("--threshold 1.5",)),
+                         (["--K1", "1,2,3"], ("--K1", "fx,fy,cx,cy")),
+                         (["--K1", "800,800,500,300", "--K2", "0,800,500,300"], ("--K2", "positive"))):
+        capsys.readouterr()
+        assert cli_main(pair + extra + ["--out", str(tmp_path / "o")]) == 2
+        line = _one_error_line(capsys)
+        assert all(w in line for w in words), line
+    # an existing FILE as --out: refused before any work, not FileExistsError at the end
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert cli_main(pair + ["--focal", "800", "--out", str(afile)]) == 2
+    assert "--out" in _one_error_line(capsys) and afile.read_text() == "keep me"
+    # an h5 file given as --weights: said plainly, without torch's weights_only advice
+    h5 = tmp_path / "data.h5"
+    h5.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    assert cli_main(pair[:2] + ["--weights", str(h5), "--out", str(tmp_path / "o")]) == 2
+    line = _one_error_line(capsys)
+    assert "data.h5" in line and "weights_only" not in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_caption_fits_narrow_pictures():
+    """The caption is shrunk and wrapped so that it fits the picture's width (it was cut off)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("filter_matches_mod", CLI)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = ("n3net-strecha+ransac: 2000 putative, 311 kept (16%) | rotation 12.3 deg (x -1.2, y 11.9, z 0.4) "
+            "| t (+0.91, -0.02, +0.41) | focal guessed   [rejected: 1689 (400 drawn), kept: 311]")
+    for width in (120, 330, 800, 2058):
+        size, lines = mod.caption_layout(text, width)
+        assert " ".join(lines).split() == text.split() or "".join(lines).replace(" ", "") == text.replace(" ", "")
+        fig = plt.figure(figsize=(width / 100, 1), dpi=100)
+        renderer = fig.canvas.get_renderer()
+        for line in lines:
+            t = fig.text(0, 0, line, fontsize=size, family="monospace")
+            assert t.get_window_extent(renderer).width <= width - 6, (width, size, line)
+        plt.close(fig)
+        if width >= 2000:
+            assert size == 11 and len(lines) == 1  # a wide picture keeps the one-line caption
