@@ -80,13 +80,15 @@ def _check_shapes(shapes: dict, where: str) -> int:
                     raise ValueError(f"{where}: field {field!r} has {dim} matches, other fields {n}")
             elif dim != want:
                 raise ValueError(f"{where}: field {field!r} must have shape {shape} (None = matches), got {have}")
-    return int(n or 0)
+    if not n:  # an empty set breaks the networks; the builder drops pairs with fewer than 8 matches
+        raise ValueError(f"{where}: has no matches (a pair needs at least one)")
+    return int(n)
 
 
 def check_pair(record: dict, where: str = "pair record") -> None:
     """Raise ``ValueError`` naming the field when ``record`` does not follow the schema.
 
-    Checks the fields and attributes, the shapes, that the matches agree in number, and the
+    Checks the fields and attributes, the shapes, that the matches agree in number (at least one), and the
     values: coordinates, ratios and the geometry (``R``, ``t``, ``K1``, ``K2``) must be finite, labels and
     mutual flags 0 or 1.
     """
