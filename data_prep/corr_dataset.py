@@ -91,6 +91,10 @@ class CorrespondenceDataset(Dataset):
         augment_rotation: max angle in degrees of a random rotation of each camera about its
             centre (training; see :func:`augment_pair`). 0 = off.
 
+    The whole file is checked against the schema when the dataset is created
+    (:func:`data_prep.h5io.open_pairs`): ``FileNotFoundError`` for a missing file, ``ValueError``
+    naming the file and the pair for anything else that is wrong with it.
+
     An item is a dict: ``x`` ``(C_in, N)`` float32 ``[x1, y1, x2, y2(, ratio, mutual)]``,
     ``xs`` ``(N, 4)``, ``label`` ``(N,)`` float32, ``epi_dist`` ``(N,)``, ``ratio``, ``mutual``
     ``(N,)`` float32, ``R`` ``(3, 3)``, ``t`` ``(3,)``, ``K1``, ``K2`` ``(3, 3)``, ``kpts1``,
