@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-__all__ = ["psnr", "ssim", "rgb_to_y", "shave"]
+__all__ = ["psnr", "ssim", "rgb_to_y", "rgb_to_ycbcr", "ycbcr_to_rgb", "shave", "modcrop"]
 
 # Wang et al. 2004: 11x11 Gaussian window of std 1.5 (radius int(3.5 * 1.5 + 0.5) = 5), K1, K2.
 _SSIM_SIGMA = 1.5
@@ -120,6 +120,34 @@ def ssim(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, data_range:
     return float(np.mean([_ssim_channel(x[..., c], y[..., c], data_range) for c in range(x.shape[2])]))
 
 
+# ITU-R BT.601 for [0, 1] RGB as MATLAB's rgb2ycbcr: YCbCr = (offset + M @ RGB) / 255, Y in
+# [16, 235] / 255 and Cb, Cr in [16, 240] / 255.
+_YCBCR_MATRIX = np.array([[65.481, 128.553, 24.966],
+                          [-37.797, -74.203, 112.0],
+                          [112.0, -93.786, -18.214]])
+_YCBCR_OFFSET = np.array([16.0, 128.0, 128.0])
+
+
+def _check_rgb(img, name: str = "img"):
+    if not isinstance(img, (np.ndarray, torch.Tensor)):
+        raise ValueError(f"{name} must be a numpy array or torch tensor of shape (..., 3), got {type(img).__name__}")
+    if img.ndim < 1 or img.shape[-1] != 3:
+        raise ValueError(f"{name} must have shape (..., 3) (channel-last), got {tuple(img.shape)}")
+    if isinstance(img, torch.Tensor):
+        if not img.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor in [0, 1], got {img.dtype}")
+    elif not np.issubdtype(img.dtype, np.floating):
+        raise ValueError(f"{name} must be a float array in [0, 1], got {img.dtype} (divide 8-bit data by 255 first)")
+
+
+def _affine(img, matrix: np.ndarray, offset: np.ndarray):
+    """``img @ matrix.T + offset`` in the input's array type, dtype and device."""
+    if isinstance(img, torch.Tensor):
+        m = torch.as_tensor(matrix.T, dtype=img.dtype, device=img.device)
+        return img @ m + torch.as_tensor(offset, dtype=img.dtype, device=img.device)
+    return img @ matrix.T.astype(img.dtype) + offset.astype(img.dtype)
+
+
 def rgb_to_y(img):
     """Luma Y of ITU-R BT.601 as MATLAB's ``rgb2ycbcr`` for ``[0, 1]`` RGB input.
 
@@ -132,18 +160,25 @@ def rgb_to_y(img):
     Returns:
         ``(...)``: the input without its channel axis.
     """
-    if not isinstance(img, (np.ndarray, torch.Tensor)):
-        raise ValueError(f"img must be a numpy array or torch tensor of shape (..., 3), got {type(img).__name__}")
-    if img.ndim < 1 or img.shape[-1] != 3:
-        raise ValueError(f"img must have shape (..., 3) (channel-last RGB), got {tuple(img.shape)}")
-    if isinstance(img, torch.Tensor):
-        if not img.is_floating_point():
-            raise ValueError(f"img must be a float tensor in [0, 1], got {img.dtype}")
-        w = torch.tensor([65.481, 128.553, 24.966], dtype=img.dtype, device=img.device)
-        return (16.0 + img @ w) / 255.0
-    if not np.issubdtype(img.dtype, np.floating):
-        raise ValueError(f"img must be a float array in [0, 1], got {img.dtype} (divide 8-bit data by 255 first)")
-    return (16.0 + img @ np.array([65.481, 128.553, 24.966], dtype=img.dtype)) / 255.0
+    _check_rgb(img)
+    return _affine(img, _YCBCR_MATRIX[:1] / 255.0, _YCBCR_OFFSET[:1] / 255.0)[..., 0]
+
+
+def rgb_to_ycbcr(img):
+    """``(..., 3)`` RGB in ``[0, 1]`` -> YCbCr in ``[0, 1]`` units, as MATLAB's ``rgb2ycbcr`` on double input.
+
+    ``Y`` is :func:`rgb_to_y`; ``Cb = (128 - 37.797 R - 74.203 G + 112 B) / 255``,
+    ``Cr = (128 + 112 R - 93.786 G - 18.214 B) / 255``. Numpy or torch, same type out.
+    """
+    _check_rgb(img)
+    return _affine(img, _YCBCR_MATRIX / 255.0, _YCBCR_OFFSET / 255.0)
+
+
+def ycbcr_to_rgb(img):
+    """Inverse of :func:`rgb_to_ycbcr` (MATLAB's ``ycbcr2rgb``); not clipped."""
+    _check_rgb(img)
+    inv = np.linalg.inv(_YCBCR_MATRIX / 255.0)
+    return _affine(img, inv, -inv @ (_YCBCR_OFFSET / 255.0))
 
 
 def shave(img, border: int):
@@ -163,3 +198,21 @@ def shave(img, border: int):
     if border == 0:
         return img
     return img[border:-border, border:-border]
+
+
+def modcrop(img, scale: int):
+    """The top-left ``(H - H % scale, W - W % scale)`` part of an ``(H, W)`` or ``(H, W, C)`` image.
+
+    Super-resolution evaluation crops every ground-truth image to a multiple of the scale first
+    (MATLAB's ``modcrop``), so that downscaling and upscaling back give the same size.
+    """
+    if not isinstance(img, (np.ndarray, torch.Tensor)):
+        raise ValueError(f"img must be a numpy array or torch tensor of shape (H, W) or (H, W, C), got {type(img).__name__}")
+    if img.ndim not in (2, 3):
+        raise ValueError(f"img must have shape (H, W) or (H, W, C), got {tuple(img.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
+        raise ValueError(f"scale must be a positive int, got {scale!r}")
+    h, w = img.shape[0] - img.shape[0] % scale, img.shape[1] - img.shape[1] % scale
+    if h == 0 or w == 0:
+        raise ValueError(f"an image of shape {tuple(img.shape)} is smaller than the scale {scale}")
+    return img[:h, :w]
