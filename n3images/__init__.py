@@ -19,6 +19,11 @@ _EXPORTS = {
     "DnCNN": "n3images.models",
     "N3NetDenoiser": "n3images.models",
     "IMAGE_MODELS": "n3images.models",
+    "VDSR": "n3images.models",
+    "N3NetSR": "n3images.models",
+    "SR_MODELS": "n3images.models",
+    "imresize": "n3images.resize",
+    "upscale_image": "n3images.sr",
     "denoise_image": "n3images.inference",
     "tiled_apply": "n3images.inference",
     "psnr": "n3images.metrics",
@@ -41,13 +46,18 @@ def _register_weights() -> None:
     register_weights_dir(WEIGHTS_DIR)
 
 
-def load_model(name_or_path: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-    """An image model from a shipped name (``"n3net-s25"``) or a weight file, in eval mode.
+def load_model(name_or_path: str | os.PathLike, map_location: str | torch.device = "cpu",
+               task: str | None = None) -> torch.nn.Module:
+    """An image model from a shipped name (``"n3net-s25"``, ``"vdsr-x234"``) or a weight file, in eval mode.
+
+    Args:
+        task: None (any image model), ``"denoising"`` or ``"super-resolution"``: the model must
+            be one for that task.
 
     Raises:
         FileNotFoundError: neither a file nor a shipped name (the message lists the image models).
-        ValueError: an unreadable file, or a model that is not an image model (e.g. a
-            correspondence model such as ``n3net-strecha``).
+        ValueError: an unreadable file, a model that is not an image model (e.g. a correspondence
+            model such as ``n3net-strecha``), or one for another ``task``.
     """
     models = importlib.import_module("n3images.models")  # registers the image model classes
     from n3sets.pretrained import load_model as _load
@@ -60,10 +70,17 @@ def load_model(name_or_path: str | os.PathLike, map_location: str | torch.device
         raise FileNotFoundError(
             f"no weight file {str(name_or_path)!r}: not an existing path and not a shipped image model "
             f"(available: {', '.join(names) if names else 'none'}; shipped files live in {WEIGHTS_DIR})") from None
+    if task not in (None, "denoising", "super-resolution"):
+        raise ValueError(f"task must be None, 'denoising' or 'super-resolution', got {task!r}")
     model = _load(path, map_location)
-    if not isinstance(model, tuple(models.IMAGE_MODELS.values())):
-        raise ValueError(f"{path} holds a {type(model).__name__} ({type(model).__module__}), which is not a denoiser; "
-                         f"image models are {', '.join(c.__name__ for c in models.IMAGE_MODELS.values())}")
+    kind = models.model_task(model)
+    if kind is None:
+        raise ValueError(f"{path} holds a {type(model).__name__} ({type(model).__module__}), which is not a denoiser "
+                         f"or super-resolution model; image models are "
+                         f"{', '.join(c.__name__ for c in models.IMAGE_MODEL_CLASSES)}")
+    if task is not None and kind != task:
+        other = ", ".join(c.__name__ for c in (models.SR_MODELS if task == "super-resolution" else models.DENOISERS).values())
+        raise ValueError(f"{path} holds a {kind} model ({type(model).__name__}), not a {task} model ({other})")
     return model
 
 

@@ -1,4 +1,5 @@
-"""Image denoisers: DnCNN (Zhang et al., TIP 2017) and the denoising N3Net (Ploetz & Roth 2018, Sec. 5.1).
+"""Image models: the denoisers DnCNN (Zhang et al., TIP 2017) and N3Net (Ploetz & Roth 2018, Sec. 5.1), and
+the super-resolution models VDSR (Kim et al., CVPR 2016) and N3Net-SR (Ploetz & Roth 2018, Sec. 5.4).
 
 Both map a noisy image ``(B, C, H, W)`` (C = 1 grey or 3 colour, values ~[0, 1]) to a denoised
 image of the same shape. A model is one class with a ``default_conf`` merged with a ``conf``
@@ -14,6 +15,13 @@ Architecture facts of the published denoising N3Net that :class:`N3NetDenoiser` 
   ``8 * (k + 1) = 64`` channels; the last stage outputs the image.
 
 :class:`DnCNN` is one such stage of depth 17 from C to C channels, i.e. residual learning.
+
+Super-resolution models take the bicubically upscaled luma ``(B, 1, H, W)`` (the low-resolution
+image brought back to the target size, :func:`n3images.sr.bicubic_input`) and return the
+high-resolution luma of the same size; one model serves every scale. :class:`VDSR` is one stage
+of 20 ``conv3x3 (bias) -> ReLU`` layers with 64 features, no batch norm, plus the input (the global
+residual). :class:`N3NetSR` is :class:`N3NetDenoiser` built from VDSR stages: three of depth 7
+without their own skips, N3 blocks (k = 7) between them, and one global residual.
 """
 from __future__ import annotations
 
@@ -24,7 +32,8 @@ from n3sets.models import merge_conf
 
 from .n3block2d import N3Block2d
 
-__all__ = ["DnCNNStage", "DnCNN", "N3NetDenoiser", "IMAGE_MODELS"]
+__all__ = ["DnCNNStage", "DnCNN", "N3NetDenoiser", "VDSR", "N3NetSR", "IMAGE_MODELS", "DENOISERS", "SR_MODELS",
+           "IMAGE_MODEL_CLASSES", "model_task"]
 
 
 def _check_image(x: torch.Tensor, channels: int, name: str) -> None:
@@ -38,18 +47,26 @@ def _check_image(x: torch.Tensor, channels: int, name: str) -> None:
 
 
 class DnCNNStage(nn.Module):
-    """``conv+ReLU, (depth-2) x conv+BN+ReLU, conv``; the input is added to the first min(C_in, C_out) channels."""
+    """``conv+ReLU, (depth-2) x conv+BN+ReLU, conv``; the input is added to the first min(C_in, C_out) channels.
+
+    ``batch_norm=False``: the middle layers are ``conv (bias) + ReLU`` (a VDSR stage);
+    ``residual=False``: the input is not added.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, depth: int = 17, features: int = 64,
-                 bn_momentum: float = 0.1):
+                 bn_momentum: float = 0.1, batch_norm: bool = True, residual: bool = True):
         super().__init__()
         if depth < 2:
             raise ValueError(f"DnCNNStage: depth must be >= 2, got {depth}")
         self.in_channels, self.out_channels, self.depth, self.features = in_channels, out_channels, depth, features
+        self.batch_norm, self.residual = bool(batch_norm), bool(residual)
         layers = [nn.Conv2d(in_channels, features, 3, padding=1), nn.ReLU(inplace=True)]
         for _ in range(depth - 2):
-            layers += [nn.Conv2d(features, features, 3, padding=1, bias=False),
-                       nn.BatchNorm2d(features, momentum=bn_momentum), nn.ReLU(inplace=True)]
+            if batch_norm:
+                layers += [nn.Conv2d(features, features, 3, padding=1, bias=False),
+                           nn.BatchNorm2d(features, momentum=bn_momentum), nn.ReLU(inplace=True)]
+            else:
+                layers += [nn.Conv2d(features, features, 3, padding=1), nn.ReLU(inplace=True)]
         layers.append(nn.Conv2d(features, out_channels, 3, padding=1))
         self.body = nn.Sequential(*layers)
         self.reset_parameters()
@@ -70,13 +87,18 @@ class DnCNNStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(x)
+        if not self.residual:
+            return out
         c = min(self.in_channels, self.out_channels)
         if c == self.out_channels:
             return out + x[:, :c]
         return torch.cat([out[:, :c] + x[:, :c], out[:, c:]], dim=1)
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, depth={self.depth}, features={self.features}"
+        extra = "" if self.batch_norm else ", batch_norm=False"
+        extra += "" if self.residual else ", residual=False"
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, depth={self.depth}, "
+                f"features={self.features}{extra}")
 
 
 class DnCNN(nn.Module):
@@ -124,6 +146,9 @@ class N3NetDenoiser(nn.Module):
             ``match_on="input"`` is the paper's KNN baseline (matching noisy input patches).
         match_on: ``"features"`` (the block input, through the embedding CNN) or ``"input"``
             (patches of the network input; needs ``block={"embed": "none"}``).
+        batch_norm: batch norm in the stages' middle layers (DnCNN stages; False: VDSR stages).
+        residual: ``"stage"`` (every stage adds its input, no global skip: the paper's denoiser)
+            or ``"global"`` (plain stages, the network input added to the output: N3Net-SR).
     """
 
     default_conf = {
@@ -136,24 +161,31 @@ class N3NetDenoiser(nn.Module):
         "block": {},
         "match_on": "features",
         "bn_momentum": 0.1,
+        "batch_norm": True,
+        "residual": "stage",
     }
 
     def __init__(self, conf: dict | None = None, **kwargs: object):
         super().__init__()
         self.conf = conf = merge_conf(self.default_conf, conf, kwargs)
+        name = type(self).__name__
         if conf["stages"] < 1:
-            raise ValueError(f"N3NetDenoiser: stages must be >= 1, got {conf['stages']}")
+            raise ValueError(f"{name}: stages must be >= 1, got {conf['stages']}")
         if conf["match_on"] not in ("features", "input"):
-            raise ValueError(f"N3NetDenoiser: match_on must be 'features' or 'input', got {conf['match_on']!r}")
+            raise ValueError(f"{name}: match_on must be 'features' or 'input', got {conf['match_on']!r}")
         if conf["match_on"] == "input" and conf["block"].get("embed", "cnn") != "none":
-            raise ValueError("N3NetDenoiser: match_on='input' needs block={'embed': 'none'} (a fixed matching space)")
+            raise ValueError(f"{name}: match_on='input' needs block={{'embed': 'none'}} (a fixed matching space)")
+        if conf["residual"] not in ("stage", "global"):
+            raise ValueError(f"{name}: residual must be 'stage' or 'global', got {conf['residual']!r}")
+        stage_residual = conf["residual"] == "stage"
         C, bc, k = conf["channels"], conf["block_channels"], conf["k"]
         self.stages, self.blocks = nn.ModuleList(), nn.ModuleList()
         c_in = C
         for i in range(conf["stages"]):
             last = i == conf["stages"] - 1
             c_out = C if last else bc
-            self.stages.append(DnCNNStage(c_in, c_out, conf["depth"], conf["features"], conf["bn_momentum"]))
+            self.stages.append(DnCNNStage(c_in, c_out, conf["depth"], conf["features"], conf["bn_momentum"],
+                                          batch_norm=conf["batch_norm"], residual=stage_residual))
             if not last:
                 block = N3Block2d(bc, k=k, **conf["block"])
                 self.blocks.append(block)
@@ -168,26 +200,83 @@ class N3NetDenoiser(nn.Module):
         return max([b.conf["stride"] for b in self.blocks] or [1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_image(x, self.conf["channels"], "N3NetDenoiser")
+        _check_image(x, self.conf["channels"], type(self).__name__)
         guide = x if self.conf["match_on"] == "input" else None
         h = x
         for i, stage in enumerate(self.stages):
             h = stage(h)
             if i < len(self.blocks):
                 h = self.blocks[i](h, guide)
-        return h
+        return h + x if self.conf["residual"] == "global" else h
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.conf.items())
 
 
-IMAGE_MODELS = {"dncnn": DnCNN, "n3net": N3NetDenoiser}
+class VDSR(nn.Module):
+    """VDSR (Kim et al. 2016): ``depth`` 3x3 conv layers with ReLU, no batch norm, global residual.
+
+    ``(B, C, H, W) -> (B, C, H, W)``: the bicubically upscaled image in, the sharpened image out
+    (the network learns the residual). Configuration: ``channels`` (1: the luma), ``depth`` (20),
+    ``features`` (64).
+    """
+
+    default_conf = {"channels": 1, "depth": 20, "features": 64}
+
+    def __init__(self, conf: dict | None = None, **kwargs: object):
+        super().__init__()
+        self.conf = conf = merge_conf(self.default_conf, conf, kwargs)
+        self.stage = DnCNNStage(conf["channels"], conf["channels"], conf["depth"], conf["features"], batch_norm=False)
+
+    @property
+    def halo(self) -> int:
+        return self.conf["depth"]
+
+    @property
+    def grid_stride(self) -> int:
+        return 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_image(x, self.conf["channels"], "VDSR")
+        return self.stage(x)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.conf.items())
+
+
+class N3NetSR(N3NetDenoiser):
+    """Super-resolution N3Net: three VDSR stages of depth 7 with two N3 blocks (k = 7) between them,
+    global residual; ``(B, 1, H, W)`` bicubic luma -> ``(B, 1, H, W)``.
+
+    The configuration keys are :class:`N3NetDenoiser`'s, with VDSR stages (``batch_norm=False``)
+    and ``residual="global"`` by default.
+    """
+
+    default_conf = {**N3NetDenoiser.default_conf, "depth": 7, "batch_norm": False, "residual": "global"}
+
+
+#: denoisers by the name ``train_denoise.py --model`` takes
+DENOISERS = {"dncnn": DnCNN, "n3net": N3NetDenoiser}
+#: the denoisers (kept under its first name for existing callers)
+IMAGE_MODELS = DENOISERS
+#: super-resolution models by the name ``train_sr.py --model`` takes
+SR_MODELS = {"vdsr": VDSR, "n3net": N3NetSR}
+IMAGE_MODEL_CLASSES = (DnCNN, N3NetDenoiser, VDSR, N3NetSR)
+
+
+def model_task(model: nn.Module) -> str | None:
+    """``"denoising"``, ``"super-resolution"`` or None (not an image model) for a model instance."""
+    if type(model) in SR_MODELS.values():
+        return "super-resolution"
+    if type(model) in DENOISERS.values():
+        return "denoising"
+    return None
 
 
 def _register():
     from n3sets.pretrained import register_model_class
 
-    for cls in (DnCNN, N3NetDenoiser):
+    for cls in IMAGE_MODEL_CLASSES:
         register_model_class(cls)
 
 
