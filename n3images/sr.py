@@ -1,0 +1,137 @@
+"""Single-image super-resolution: the degradation, the luma convention, scores and upscaling a photo.
+
+Conventions (those of VDSR and of every published SR table):
+
+* the ground truth is cropped to a multiple of the scale (:func:`n3images.metrics.modcrop`);
+* the low-resolution image is the ground truth downscaled by MATLAB's bicubic ``imresize``
+  (antialiased, :mod:`n3images.resize`), in float64, not quantised; the network input is that
+  image upscaled back to the ground-truth size with the same kernel (:func:`degrade`);
+* models work on the luma Y of ITU-R BT.601 (MATLAB's ``rgb2ycbcr``, values in
+  ``[16, 235] / 255``); a grey image ``g`` is taken as the RGB image ``(g, g, g)``, i.e.
+  ``Y = (16 + 219 g) / 255`` (:func:`to_luma`), so grey training images and colour test images
+  share one intensity range;
+* scores are PSNR and SSIM on Y, outputs clipped to ``[0, 1]``, with a border of ``scale``
+  pixels shaved (:func:`sr_scores`);
+* a colour photo is upscaled in YCbCr: Y through the network, Cb and Cr bicubic
+  (:func:`upscale_image`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .inference import DEFAULT_TILE, tiled_apply
+from .metrics import modcrop, psnr, rgb_to_y, rgb_to_ycbcr, shave, ssim, ycbcr_to_rgb
+from .resize import imresize, resize_batch
+
+__all__ = ["SCALES", "check_scale", "to_luma", "from_luma", "degrade", "degrade_batch", "sr_scores", "super_resolve",
+           "upscale_image"]
+
+SCALES = (2, 3, 4)
+_Y_LO, _Y_SPAN = 16.0 / 255.0, 219.0 / 255.0  # Y of black, and of white minus black
+
+
+def check_scale(scale) -> int:
+    """The scale as an int >= 2 (ValueError otherwise)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 2:
+        raise ValueError(f"scale must be an integer >= 2, got {scale!r}")
+    return int(scale)
+
+
+def to_luma(img: np.ndarray) -> np.ndarray:
+    """Y (BT.601, MATLAB) of an ``(H, W)`` grey or ``(H, W, 3)`` RGB image in ``[0, 1]``; float64 ``(H, W)``."""
+    img = np.asarray(img)
+    if img.ndim == 2:
+        return _Y_LO + _Y_SPAN * img.astype(np.float64)
+    if img.ndim == 3 and img.shape[2] == 3:
+        return rgb_to_y(img.astype(np.float64))
+    raise ValueError(f"to_luma: image must be (H, W) grey or (H, W, 3) RGB, got shape {img.shape}")
+
+
+def from_luma(y: np.ndarray) -> np.ndarray:
+    """The grey image whose :func:`to_luma` is ``y`` (``(255 y - 16) / 219``); not clipped."""
+    return (np.asarray(y, dtype=np.float64) - _Y_LO) / _Y_SPAN
+
+
+def degrade(hr: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(low-resolution image, network input)`` of a ground truth ``(H, W[, C])`` whose sides are multiples of ``scale``.
+
+    The low-resolution image is ``imresize(hr, 1/scale)`` (``(H/scale, W/scale)``); the input is
+    ``imresize(lr, scale)``, the size of ``hr``. float64, not clipped.
+    """
+    scale = check_scale(scale)
+    h, w = hr.shape[:2]
+    if h % scale or w % scale:
+        raise ValueError(f"degrade: image of size {w}x{h} is not a multiple of the scale {scale}; modcrop it first")
+    if h < scale or w < scale:
+        raise ValueError(f"degrade: image of size {w}x{h} is smaller than the scale {scale}")
+    lr = imresize(hr, 1.0 / scale, output_shape=(h // scale, w // scale))
+    return lr, imresize(lr, scale, output_shape=(h, w))
+
+
+def degrade_batch(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    """The network input (:func:`degrade`) of a batch ``(B, C, H, W)`` with sides multiples of ``scale``; same dtype."""
+    scale = check_scale(scale)
+    h, w = hr.shape[-2:]
+    if h % scale or w % scale:
+        raise ValueError(f"degrade_batch: crops of size {w}x{h} are not a multiple of the scale {scale}")
+    lr = resize_batch(hr, 1.0 / scale, output_shape=(h // scale, w // scale))
+    return resize_batch(lr, float(scale), output_shape=(h, w))
+
+
+def sr_scores(out_y, hr_y, scale: int) -> tuple[float, float]:
+    """``(PSNR dB, SSIM)`` of an output luma against the ground-truth luma: output clipped to
+    ``[0, 1]``, ``scale`` pixels shaved from every side, data range 1."""
+    scale = check_scale(scale)
+    out = np.clip(np.asarray(out_y, dtype=np.float64), 0.0, 1.0)
+    ref = np.asarray(hr_y, dtype=np.float64)
+    if out.shape != ref.shape:
+        raise ValueError(f"sr_scores: output {out.shape} and ground truth {ref.shape} differ in shape")
+    out, ref = shave(out, scale), shave(ref, scale)
+    return psnr(out, ref), ssim(out, ref)
+
+
+def super_resolve(model: torch.nn.Module, bicubic_y: np.ndarray, tile: int | None = DEFAULT_TILE,
+                  device: str | torch.device | None = None,
+                  progress: Callable[[int, int], object] | None = None) -> np.ndarray:
+    """The model's high-resolution luma from the bicubic luma ``(H, W)``; float32 ``(H, W)``, not clipped."""
+    arr = np.asarray(bicubic_y, dtype=np.float32)
+    if arr.ndim != 2 or arr.size == 0:
+        raise ValueError(f"super_resolve: the luma must be a non-empty (H, W) array, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("super_resolve: the image holds NaN or infinite values")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(arr))[None, None].to(device)
+    return tiled_apply(model, x, tile, progress)[0, 0].cpu().numpy()
+
+
+def upscale_image(model: torch.nn.Module | None, img: np.ndarray, scale: int, tile: int | None = DEFAULT_TILE,
+                  device: str | torch.device | None = None,
+                  progress: Callable[[int, int], object] | None = None) -> np.ndarray:
+    """Upscale a user's image by ``scale``: ``(H, W)`` grey or ``(H, W, 3)`` RGB in ``[0, 1]`` ->
+    ``(scale H, scale W[, 3])`` float64 in ``[0, 1]``.
+
+    Y goes through ``model`` after bicubic upscaling; Cb and Cr are upscaled bicubically.
+    ``model`` None: plain bicubic (the baseline).
+    """
+    scale = check_scale(scale)
+    img = np.asarray(img)
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)) or img.size == 0:
+        raise ValueError(f"upscale_image: image must be (H, W) grey or (H, W, 3) RGB, got shape {img.shape}")
+    if not np.isfinite(img).all():
+        raise ValueError("upscale_image: the image holds NaN or infinite values")
+    h, w = img.shape[:2]
+    size = (h * scale, w * scale)
+    ycc = rgb_to_ycbcr(img.astype(np.float64)) if img.ndim == 3 else to_luma(img)[..., None]
+    up = imresize(ycc, scale, output_shape=size)  # every channel bicubic
+    if model is not None:
+        up[..., 0] = super_resolve(model, up[..., 0], tile, device, progress)
+    out = ycbcr_to_rgb(up) if img.ndim == 3 else from_luma(up[..., 0])
+    return np.clip(out, 0.0, 1.0)
+
+
+def prepare_ground_truth(img: np.ndarray, scale: int) -> np.ndarray:
+    """The evaluation ground truth of an image: its luma, cropped to a multiple of ``scale``."""
+    return to_luma(modcrop(np.asarray(img), check_scale(scale)))
