@@ -25,20 +25,19 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .essential import logits_to_weights, weighted_eight_point
 from .metrics import accuracy_curve, classification_metrics, mean_average_precision
 from .models import model_inputs
-from .pose import FAILED_POSE_ERROR, pose_error, recover_pose
+from .pose import FAILED_POSE_ERROR, pose_error
 from .robust import DEFAULT_MAX_ITERS, DEFAULT_THRESHOLDS, estimate_essential
+from .twoview import MIN_MATCHES, pose_from_logits, pose_from_weights
 
-__all__ = ["evaluate_correspondences", "eight_point_pose", "model_logits", "BASELINES", "MIN_EIGHT_POINT_INLIERS",
+__all__ = ["evaluate_correspondences", "eight_point_pose", "model_logits", "BASELINES",
            "PAIR_KEYS"]
 
 #: Baselines that need no model, in table order.
 BASELINES = ("ransac", "magsac", "ratio+ransac", "ratio+magsac")
 
 #: The eight-point system is underdetermined with fewer predicted inliers: the pair fails.
-MIN_EIGHT_POINT_INLIERS = 8
 
 #: Fields each pair dict must have (``CorrespondenceDataset`` items have them).
 PAIR_KEYS = ("xs", "label", "ratio", "R", "t")
@@ -112,15 +111,13 @@ def model_logits(model: torch.nn.Module, pair: Mapping) -> torch.Tensor:
     return model(x)[0]
 
 
-def eight_point_pose(x1: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor):
-    """Pose of one pair from the weighted eight-point E, cheirality over ``mask``.
+def eight_point_pose(x1: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor, inliers: torch.Tensor):
+    """Pose of one pair from weighted matches (:func:`n3sets.twoview.pose_from_weights` on ``(N, 2)`` inputs).
 
-    Returns ``(R (3, 3), t (3,), ok)``; ``ok`` is False when the cheirality test fails or fewer
-    than :data:`MIN_EIGHT_POINT_INLIERS` matches are in ``mask``.
+    Returns ``(R (3, 3), t (3,), ok)``.
     """
-    E = weighted_eight_point(x1[None], x2[None], weights[None])
-    R, t, ok = recover_pose(E, x1[None], x2[None], mask=mask[None])
-    return R[0], t[0], bool(ok[0]) and int(mask.sum()) >= MIN_EIGHT_POINT_INLIERS
+    _, R, t, ok = pose_from_weights(x1[None], x2[None], weights[None], inliers=inliers[None])
+    return R[0], t[0], bool(ok[0])
 
 
 def evaluate_correspondences(
@@ -211,7 +208,8 @@ def evaluate_correspondences(
             start = time.perf_counter()
             logits = model_logits(model, pair).double()
             pred = logits > 0
-            R, t, ok = eight_point_pose(x1, x2, logits_to_weights(logits), pred)
+            _, R, t, ok = pose_from_logits(x1[None], x2[None], logits[None])
+            R, t, ok = R[0], t[0], bool(ok[0])
             seconds_model = time.perf_counter() - start
             results[name].seconds += seconds_model
             pred_stats = _cls(pred, label)
@@ -242,7 +240,7 @@ def evaluate_correspondences(
             "seed": seed,
             "max_iters": max_iters,
             "max_thresholds": list(max_thresholds),
-            "min_eight_point_inliers": MIN_EIGHT_POINT_INLIERS,
+            "min_matches": MIN_MATCHES,
             "classification_average": "mean over pairs",
         },
     }

@@ -28,8 +28,9 @@ DEFAULT_THRESHOLDS = {"ransac": 1e-3, "magsac": 2.5e-4}
 #: on filtered matches the adaptive stopping ends far earlier, so the cap costs nothing there.
 DEFAULT_MAX_ITERS = 10000
 
-#: Fewer matches than this and the five-point solver cannot run.
-MIN_MATCHES = 5
+#: The project's one minimum match count (n3sets.twoview.MIN_MATCHES): the five-point solver
+#: runs with five but is unstable below eight.
+from .twoview import MIN_MATCHES  # noqa: E402
 
 
 def _as_points(x, name: str) -> np.ndarray:

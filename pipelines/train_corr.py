@@ -10,8 +10,8 @@ Real data::
     python pipelines/train_corr.py --train data_out/strecha_train.h5 --val data_out/strecha_val.h5 \
         --model n3net --out runs/n3net --epochs 20 --max-matches 1000 --export n3net-strecha
 
-Every epoch: training with a progress bar, validation (pose from the weighted eight-point E of
-the predicted weights, cheirality via ``n3sets.pose.recover_pose``, ``mAP5/10/20``; precision,
+Every epoch: training with a progress bar, validation (the network's pose as ``eval_corr.py``
+computes it, ``n3sets.twoview.pose_from_logits``, ``mAP5/10/20``; precision,
 recall, F1 at logit 0), ``last.pt`` and (when val mAP20 improves, ties broken by mAP10 then
 mAP5 and by the lower validation loss) ``best.pt`` written atomically, ``log.csv``, ``log.json``
 and ``curves.png`` in ``--out``. ``--resume`` continues from ``last.pt`` exactly (model,
@@ -36,12 +36,12 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from data_prep.corr_dataset import CorrespondenceDataset, collate_sets  # noqa: E402
-from n3sets.essential import logits_to_weights, weighted_eight_point  # noqa: E402
 from n3sets.geometry import essential_from_pose  # noqa: E402
 from n3sets.losses import CorrespondenceLoss, balanced_bce, essential_loss  # noqa: E402
 from n3sets.metrics import classification_metrics, mean_average_precision  # noqa: E402
 from n3sets.models import CNNet, N3Net  # noqa: E402
-from n3sets.pose import pose_error, recover_pose  # noqa: E402
+from n3sets.pose import pose_error  # noqa: E402
+from n3sets.twoview import pose_from_logits  # noqa: E402
 from n3sets.pretrained import WEIGHTS_DIR, save_model  # noqa: E402
 from n3sets.training import (all_reduce_sums, atomic_torch_save, barrier, check_out_dir,  # noqa: E402
                              command_line, dist_setup, dist_teardown, export_target, gather_lists,
@@ -204,17 +204,15 @@ def split_batch(batch: dict):
 
 @torch.no_grad()
 def validate(model, loader, rank: int, world: int, progress: bool) -> dict:
-    """Pose errors from the weighted eight-point E of the predicted weights, gathered over ranks."""
+    """Pose errors of the network's pose (n3sets.twoview.pose_from_logits), gathered over ranks."""
     model.eval()
     rows = []  # per pair: (error_deg, cls_loss, ess_loss, precision, recall, f1)
     it = progress_bar(loader, "val", leave=False, tty_interval=2, log_interval=30) if progress else loader
     for batch in it:
         x, mask, label, x1, x2, E_gt = split_batch(batch)
         logits = model(x, mask)
-        w = logits_to_weights(logits) * mask
-        E = weighted_eight_point(x1, x2, w, mask)
-        # weights vote in the cheirality test: confident inliers decide between the 4 poses
-        R, t, ok = recover_pose(E, x1, x2, mask=w)
+        # the same pose as eval_corr.py and MatchFilter (n3sets.twoview.pose_from_logits)
+        E, R, t, ok = pose_from_logits(x1, x2, logits, mask)
         err = pose_error(R, t, batch["R"], batch["t"], ok)
         cls = classification_metrics(logits > 0, label, mask)
         for b in range(x.shape[0]):
