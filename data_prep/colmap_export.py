@@ -14,7 +14,9 @@ What is written (through pycolmap, so the schema is always the one of the instal
 - matches: the putative matches of each pair;
 - two-view geometries: with filtering (default), the matches that
   :class:`n3sets.MatchFilter` keeps (network + RANSAC), with their E and relative pose, config
-  CALIBRATED; with ``--no-filter``, Lowe-ratio (0.8) mutual matches verified by COLMAP's own
+  CALIBRATED, for the pairs that pass MatchFilter's two-view verification
+  (:func:`n3sets.twoview.verify_two_view`: enough inliers, a baseline, a well-conditioned
+  pose); an unverified pair gets no geometry and its reason is in the summary; with ``--no-filter``, Lowe-ratio (0.8) mutual matches verified by COLMAP's own
   estimator (``pycolmap.estimate_two_view_geometry``), i.e. the standard COLMAP pipeline.
   Pairs with fewer than ``--min-inliers`` verified matches get no inlier matches.
 
@@ -387,15 +389,16 @@ def export_database(
                 id1, id2 = image_ids[i], image_ids[j]
                 db.write_matches(id1, id2, matches.astype(np.uint32))
                 if use_filter:
+                    if geometry is None or len(verified) < min_inliers:
+                        # not verified (MatchFilter's reason is in the summary): no geometry, as
+                        # COLMAP writes none for a pair that fails its own verification
+                        continue
                     tvg = pycolmap.TwoViewGeometry()
-                    if geometry is not None and len(verified) >= min_inliers:
-                        E, R, t = geometry
-                        tvg.config = pycolmap.TwoViewGeometryConfiguration.CALIBRATED
-                        tvg.E = np.asarray(E, np.float64)
-                        tvg.cam2_from_cam1 = _rigid(R, t)
-                        tvg.inlier_matches = verified.astype(np.uint32)
-                    else:
-                        tvg.config = pycolmap.TwoViewGeometryConfiguration.UNDEFINED
+                    E, R, t = geometry
+                    tvg.config = pycolmap.TwoViewGeometryConfiguration.CALIBRATED
+                    tvg.E = np.asarray(E, np.float64)
+                    tvg.cam2_from_cam1 = _rigid(R, t)
+                    tvg.inlier_matches = verified.astype(np.uint32)
                 else:
                     cam1 = colmap_cams[infos[i].camera_index][0]
                     cam2 = colmap_cams[infos[j].camera_index][0]

@@ -33,11 +33,10 @@ import torch
 
 from .training import resolve_device
 
-__all__ = ["MatchFilter", "FilterResult", "MIN_MATCHES"]
+from .twoview import (MIN_MATCHES, VERIFY_DEFAULTS, degenerate, distinct_matches, pose_from_logits,
+                      rotation_inliers, sampson_distance, verify_two_view)
 
-#: The eight-point algorithm (and OpenCV's five-point RANSAC, which needs 5 but is unstable with
-#: fewer than 8) cannot estimate an essential matrix from fewer matches than this.
-MIN_MATCHES = 8
+__all__ = ["MatchFilter", "FilterResult", "MIN_MATCHES"]
 
 _REFINE_METHODS = (None, "ransac", "magsac")
 
@@ -49,11 +48,16 @@ class FilterResult:
     Attributes:
         prob: ``(N,)`` float32 inlier probability of every putative match (sigmoid of the logit).
         inliers: ``(N,)`` bool final inlier mask: ``prob > threshold``, and with RANSAC
-            refinement also consistent with the estimated E.
+            refinement also consistent with the estimated E; all False when there is no
+            (verified) pose. ``num_kept`` counts ``prob > threshold``.
         E: ``(3, 3)`` essential matrix (``x2^T E x1 = 0`` for normalized points), or None.
         R: ``(3, 3)`` rotation of the relative pose ``x2 = R x1 + t``, or None.
         t: ``(3,)`` unit translation direction, or None.
-        reason: empty when a pose was found, otherwise why not (too few matches, degenerate...).
+        reason: empty when a verified pose was found, otherwise why not (too few matches, no
+            estimate, or the two-view verification test that failed).
+        verification: the verified quantities (``num_inliers``, ``inlier_ratio``,
+            ``triangulation_angle``, ``cheirality``; :func:`n3sets.twoview.verify_two_view`), or
+            None when no pose was estimated.
         threshold: the probability threshold used.
         refine: the refinement used (``"ransac"``, ``"magsac"`` or None).
     """
@@ -67,10 +71,11 @@ class FilterResult:
     threshold: float = 0.5
     refine: str | None = "ransac"
     num_kept: int = field(default=0)
+    verification: dict | None = None
 
     @property
     def ok(self) -> bool:
-        """True when a pose (E, R, t) was estimated."""
+        """True when a pose (E, R, t) was estimated and passed the two-view verification."""
         return self.E is not None
 
     @property
@@ -95,6 +100,7 @@ class FilterResult:
             "E": as_list(self.E),
             "R": as_list(self.R),
             "t": as_list(self.t),
+            "verification": self.verification,
         }
 
     def __repr__(self) -> str:
@@ -152,13 +158,6 @@ def _check_side(x, name: str, n: int) -> np.ndarray:
     return arr
 
 
-def _distinct_matches(x1: np.ndarray, x2: np.ndarray) -> int:
-    """Number of distinct (x1, x2) correspondences (duplicates add no constraint to E)."""
-    if x1.shape[0] == 0:
-        return 0
-    return int(np.unique(np.concatenate([x1, x2], axis=1), axis=0).shape[0])
-
-
 class MatchFilter:
     """Inlier classification and relative pose for putative matches of an image pair.
 
@@ -185,6 +184,10 @@ class MatchFilter:
         # Cap on B * Nmax per network call in filter_batch: N3Net's KNN holds (k, N, N) weights per
         # pair, so 8 pairs of 2000 matches (about 1 GB) is a safe CPU default.
         "max_batch_matches": 16_000,
+        # Two-view verification (n3sets.twoview.verify_two_view): a pose that fails it is not
+        # reported (ok False, no inliers, reason names the test). False turns it off.
+        "verify": True,
+        **VERIFY_DEFAULTS,
     }
 
     def __init__(self, model: torch.nn.Module, device="cpu", **conf):
@@ -337,53 +340,76 @@ class MatchFilter:
         n = x1.shape[0]
         prob = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
         kept = prob > threshold
-        res = FilterResult(prob=prob, inliers=kept.copy(), threshold=threshold, refine=refine, num_kept=int(kept.sum()))
+        res = FilterResult(prob=prob, inliers=np.zeros(n, dtype=bool), threshold=threshold, refine=refine,
+                           num_kept=int(kept.sum()))
         if n < MIN_MATCHES:
             res.reason = f"only {n} putative matches; at least {MIN_MATCHES} are needed to estimate an essential matrix"
             return res
         n1, n2 = (t.double() for t in self._normalize(x1, x2, k1, k2))
+        from .robust import DEFAULT_MAX_ITERS, DEFAULT_THRESHOLDS, estimate_essential
 
+        ransac_threshold = self.conf["ransac_threshold"]
         if refine is None:
-            from .essential import logits_to_weights, weighted_eight_point
-            from .pose import recover_pose
-
-            weights = logits_to_weights(torch.from_numpy(logits).double())
-            support = weights > 0
-            distinct = _distinct_matches(x1[support.numpy()], x2[support.numpy()])
+            lg = torch.from_numpy(logits).double()
+            support = (lg > 0).numpy()
+            distinct = distinct_matches(x1[support], x2[support])
             if distinct < MIN_MATCHES:
                 res.reason = (f"only {distinct} distinct matches have a positive weight; the weighted "
                               f"eight-point algorithm needs at least {MIN_MATCHES}")
-                return res
-            E = weighted_eight_point(n1[None], n2[None], weights[None])
-            R, t, ok = recover_pose(E, n1[None], n2[None], mask=torch.from_numpy(kept)[None])
+                return self._no_pose(res, n1, n2)
+            E, R, t, ok = pose_from_logits(n1[None], n2[None], lg[None], inliers=torch.from_numpy(kept)[None])
             if not bool(ok[0]):
                 res.reason = "the weighted eight-point estimate is degenerate (no valid pose passed the cheirality test)"
-                return res
-            res.E, res.R, res.t = E[0].numpy(), R[0].numpy(), t[0].numpy()
-            return res
+                return self._no_pose(res, n1, n2)
+            E, R, t = E[0].numpy(), R[0].numpy(), t[0].numpy()
+            # the matches consistent with E, as RANSAC would count them (Sampson distance)
+            thr = DEFAULT_THRESHOLDS["ransac"] if ransac_threshold is None else float(ransac_threshold)
+            consistent = kept & (sampson_distance(n1, n2, torch.from_numpy(E)).numpy() < thr ** 2)
+            res.inliers = kept.copy()
+            return self._verified(res, n1, n2, consistent, E, R, t, n)
 
-        distinct = _distinct_matches(x1[kept], x2[kept])
+        distinct = distinct_matches(x1[kept], x2[kept])
         if distinct < MIN_MATCHES:
             res.reason = (f"only {distinct} distinct matches have inlier probability > {threshold}; "
                           f"at least {MIN_MATCHES} are needed to estimate an essential matrix")
-            return res
-        from .robust import DEFAULT_MAX_ITERS, estimate_essential
-
+            return self._no_pose(res, n1, n2)
         idx = np.flatnonzero(kept)
         max_iters = self.conf["ransac_max_iters"]
         est = estimate_essential(
-            n1[idx], n2[idx], method=refine, threshold=self.conf["ransac_threshold"],
+            n1[idx], n2[idx], method=refine, threshold=ransac_threshold,
             confidence=self.conf["ransac_confidence"], seed=self.conf["seed"],
             max_iters=DEFAULT_MAX_ITERS if max_iters is None else int(max_iters),
         )
         E, R, t, inl, ok = (est[k] for k in ("E", "R", "t", "inliers", "ok"))
         if not bool(ok) or E is None:
             res.reason = f"{refine.upper()} found no essential matrix consistent with the {idx.size} kept matches"
-            return res
+            return self._no_pose(res, n1, n2)
         inl = _to_numpy(inl, "inliers").astype(bool).reshape(-1)
         final = np.zeros(n, dtype=bool)
         final[idx[inl]] = True
         res.inliers = final
-        res.E, res.R = _to_numpy(E, "E").reshape(3, 3), _to_numpy(R, "R").reshape(3, 3)
-        res.t = _to_numpy(t, "t").reshape(3)
+        E, R = _to_numpy(E, "E").reshape(3, 3), _to_numpy(R, "R").reshape(3, 3)
+        return self._verified(res, n1, n2, final, E, R, _to_numpy(t, "t").reshape(3), n)
+
+    def _no_pose(self, res: FilterResult, n1, n2) -> FilterResult:
+        """No essential matrix: say so, or that there is no baseline when a rotation explains the matches."""
+        res.inliers = np.zeros(res.num_matches, dtype=bool)  # no pose, so no match is an inlier of it
+        if self.conf["verify"]:
+            conf = {k: self.conf[k] for k in VERIFY_DEFAULTS}
+            rot = rotation_inliers(n1.numpy(), n2.numpy())
+            failed = degenerate({"rotation_inliers": rot, "num_inliers": 0}, conf)
+            if failed:
+                res.reason = failed
+        return res
+
+    def _verified(self, res: FilterResult, n1, n2, inliers: np.ndarray, E, R, t, n: int) -> FilterResult:
+        """Attach the pose when it passes the two-view verification; otherwise say which test failed."""
+        conf = {k: self.conf[k] for k in VERIFY_DEFAULTS}
+        ok, reason, stats = verify_two_view(n1.numpy(), n2.numpy(), inliers, R, t, num_matches=n, conf=conf)
+        res.verification = stats
+        if self.conf["verify"] and not ok:
+            res.reason = reason
+            res.inliers = np.zeros(n, dtype=bool)  # no pose, so no match is an inlier of it
+            return res
+        res.E, res.R, res.t = E, R, t
         return res

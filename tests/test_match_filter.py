@@ -110,13 +110,18 @@ def test_empty_list_input():
 
 def test_eight_matches_exact_pose(clean_pair):
     p = clean_pair
-    mf = MatchFilter(ConstantLogits(5.0))
+    # the estimator itself, below the verification's min_inliers (15): verification off
+    mf = MatchFilter(ConstantLogits(5.0), verify=False)
     res = mf.filter(p["kpts1"][:8], p["kpts2"][:8], p["K1"], p["K2"], refine=None)
     assert res.ok, res.reason
     assert _pose_err(res, p["R"], p["t"]) < 0.5
     # RANSAC on exactly 8 matches: a pose or a reason, never an exception
     res = mf.filter(p["kpts1"][:8], p["kpts2"][:8], p["K1"], p["K2"], refine="ransac")
     assert res.ok or res.reason
+    # with verification (the default) eight matches are too few to trust, and the reason says so
+    res = MatchFilter(ConstantLogits(5.0)).filter(p["kpts1"][:8], p["kpts2"][:8], p["K1"], p["K2"], refine=None)
+    assert not res.ok and "min_inliers" in res.reason and res.num_inliers == 0
+    assert res.verification["num_inliers"] == 8
 
 
 def test_identical_points(clean_pair, random_weights):
