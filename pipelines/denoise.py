@@ -27,14 +27,14 @@ import numpy as np
 import torch
 
 
+from n3images import programs
 from n3images.inference import DEFAULT_TILE, denoise_image
-from n3images.io import image_bit_depth, read_image, same_file, write_image
-from n3sets.cli import UsageError, check_writable_folder, one_line
+from n3images.io import image_bit_depth, read_image, write_image
+from n3images.programs import WRITE_SUFFIXES, check_output, pick_device
+from n3sets.cli import UsageError, one_line
 from n3sets.pretrained import weights_name
-from n3sets.training import resolve_device
 
 PROGRAM = "denoise.py"
-WRITE_SUFFIXES = {".png": (8, 16), ".tif": (8, 16), ".tiff": (8, 16), ".jpg": (8,), ".jpeg": (8,)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,29 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def check_output(inp: Path, out: Path, overwrite: bool, bit_depth: int | None) -> None:
-    """Everything about OUT that can be checked before the (slow) denoising."""
-    suffix = out.suffix.lower()
-    if suffix not in WRITE_SUFFIXES:
-        raise UsageError(f"OUT {out}: unsupported suffix {out.suffix or '(none)'}; use one of {', '.join(WRITE_SUFFIXES)}")
-    if bit_depth is not None and bit_depth not in WRITE_SUFFIXES[suffix]:
-        raise UsageError(f"--bit-depth {bit_depth}: {suffix} files are {'/'.join(map(str, WRITE_SUFFIXES[suffix]))}-bit")
-    if same_file(inp, out):
-        raise UsageError(f"OUT {out} is the input file; write the result to another file")
-    if out.is_dir():
-        raise UsageError(f"OUT {out} is a folder; give a file name")
-    if out.exists() and not overwrite:
-        raise UsageError(f"OUT {out} exists; pass --overwrite to replace it")
-    check_writable_folder(out.parent, f"OUT {out}")
-
-
-def pick_device(name: str) -> torch.device:
-    try:
-        return resolve_device(name)
-    except ValueError as exc:
-        raise UsageError(f"--device {name}: {exc}") from None
-
-
 def sigma_warning(name: str, meta: dict, sigma: float | None) -> str | None:
     """A warning when ``--sigma`` does not match what the model was trained for, else None."""
     if sigma is None:
@@ -101,33 +78,14 @@ def sigma_warning(name: str, meta: dict, sigma: float | None) -> str | None:
     return None
 
 
-class TileProgress:
+def TileProgress(enabled: bool) -> programs.TileProgress:
     """``progress(done, total)`` for denoise_image: tile counter on stderr."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.tty, self.last = enabled, sys.stderr.isatty(), 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if self.tty:
-            print(f"\rdenoising: tile {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-        elif done == total or now - self.last >= 5.0 or done == 1:
-            print(f"denoising: tile {done}/{total}", file=sys.stderr, flush=True)
-            self.last = now
+    return programs.TileProgress(enabled, "denoising")
 
 
 def load_image_model(spec: str):
-    """The image model of ``spec`` (UsageError naming it otherwise)."""
-    from n3images import load_model
-
-    try:
-        return load_model(spec)  # its errors name the file and list the shipped image models
-    except (FileNotFoundError, ValueError) as exc:
-        raise UsageError(f"--weights {spec}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 -- a weight file that does not fit its class, etc.
-        raise UsageError(f"--weights {spec}: cannot load the model: {type(exc).__name__}: {exc}") from None
+    """The denoiser of ``spec`` (UsageError naming it otherwise)."""
+    return programs.load_image_model(spec, task="denoising")[0]
 
 
 def run(args) -> dict:

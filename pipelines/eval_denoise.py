@@ -36,13 +36,9 @@ The level key is ``"sigma"`` for Gaussian noise and ``"noise_level"`` for ``--no
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,15 +46,15 @@ import numpy as np
 import torch
 
 
-from n3images import load_model
+from n3images import programs
 from n3images.baselines import BASELINES
 from n3images.inference import DEFAULT_TILE, denoise_image
-from n3images.io import list_images, read_image, write_image
+from n3images.io import write_image
 from n3images.metrics import psnr, ssim
 from n3images.noise import HETERO_EVAL_PAIRS, add_gaussian_noise, hetero_eval_noise, hetero_eval_target
-from n3sets.cli import UsageError, check_writable_folder, one_line
-from n3sets.pretrained import resolve_weights, weights_name
-from n3sets.training import resolve_device
+from n3images.programs import check_writable, dataset_names, format_table, pick_device, write_json
+from n3images.programs import image_file_names as _image_file_names
+from n3sets.cli import UsageError, one_line
 
 PROGRAM = "eval_denoise.py"
 RESERVED = ("noisy", "clean", *BASELINES)
@@ -112,106 +108,33 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------ set-up
 
 
-def pick_device(name: str) -> torch.device:
-    try:
-        return resolve_device(name)
-    except ValueError as exc:
-        raise UsageError(f"--device {name}: {exc}") from None
-
-
 def load_image_model(spec: str, channels: int | None = 1):
     """``(model, path)`` of an image denoiser; UsageError naming ``spec`` otherwise.
 
     ``channels``: the image channels the data has (1 here); None accepts any model.
     """
-    try:
-        model = load_model(spec)  # its errors name the file and list the shipped image models
-        path = resolve_weights(spec)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UsageError(f"--weights {spec}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 -- a weight file that does not fit its class, etc.
-        raise UsageError(f"--weights {spec}: cannot load the model from {spec}: {type(exc).__name__}: {exc}") from None
+    model, path = programs.load_image_model(spec, task="denoising")
+    _check_channels(spec, model, channels)
+    return model, path
+
+
+def _check_channels(spec: str, model, channels: int | None = 1) -> None:
     model_channels = model.conf.get("channels", 1)
     if channels is not None and model_channels != channels:
         raise UsageError(
             f"--weights {spec}: the model takes {model_channels}-channel (colour) images, but this evaluation "
             f"uses {channels}-channel grey images; evaluate grey models only")
-    return model, path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_models(specs: list[str], device: torch.device) -> tuple[dict, dict, dict]:
     """``(models, weights_info, duplicates)``; the same weight content given twice is loaded once."""
-    models, info, duplicates, by_hash, paths = {}, {}, {}, {}, {}
-    for spec in specs:
-        model, path = load_image_model(spec)
-        digest = _sha256(path)
-        name = weights_name(spec)
-        if digest in by_hash:
-            first = by_hash[digest]
-            duplicates[spec] = first
-            print(f"{PROGRAM}: note: --weights {spec} is the same weight file as {first!r} "
-                  f"(identical content); evaluated once, as {first!r}", file=sys.stderr)
-            continue
-        if name in RESERVED:
-            raise UsageError(f"--weights {spec}: the method name {name!r} is reserved ({', '.join(RESERVED)}); "
-                             "rename the weight file")
-        if name in models:
-            raise UsageError(f"--weights: two different weight files are both named {name!r} ({paths[name]} and "
-                             f"{path}); methods are named by file stem, so rename or copy one of them")
-        by_hash[digest], paths[name] = name, path
-        models[name] = model.to(device).eval()
-        info[name] = {
-            "spec": spec,
-            "path": str(path),
-            "sha256": digest,
-            "class": type(model).__name__,
-            "conf": model.conf,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "meta": getattr(model, "meta", {}) or {},
-        }
-    return models, info, duplicates
+    return programs.load_models(specs, device, program=PROGRAM, reserved=RESERVED, task="denoising",
+                                check=_check_channels)
 
 
 def load_dataset(folder: str, max_images: int | None) -> tuple[list[Path], list[np.ndarray]]:
     """Sorted image paths of ``folder`` and the grey images, all checked before any work."""
-    try:
-        paths = list_images(folder)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UsageError(f"--data {folder}: {exc}") from None
-    if max_images is not None:
-        paths = paths[:max_images]
-    images = []
-    for p in paths:
-        try:
-            img = read_image(p, "gray")
-        except (ValueError, FileNotFoundError) as exc:
-            raise UsageError(f"--data {folder}: {exc}") from None
-        if min(img.shape[:2]) < MIN_SIDE:
-            raise UsageError(f"--data {folder}: image {p} is {img.shape[1]}x{img.shape[0]}; "
-                             f"SSIM needs at least {MIN_SIDE}x{MIN_SIDE}")
-        if not np.isfinite(img).all():
-            raise UsageError(f"--data {folder}: image {p} holds NaN or infinite values")
-        images.append(img)
-    return paths, images
-
-
-def dataset_names(folders: list[str]) -> list[str]:
-    names = []
-    for folder in folders:
-        name = Path(folder).resolve().name or str(folder)
-        if name in names:
-            raise UsageError(f"--data: two folders are both named {name!r} ({folders[names.index(name)]} and {folder}); "
-                             "results are keyed by folder name")
-        names.append(name)
-    return names
+    return programs.load_dataset(folder, max_images, "gray", MIN_SIDE)
 
 
 def noise_levels(args) -> list[tuple[str, str, dict]]:
@@ -219,14 +142,6 @@ def noise_levels(args) -> list[tuple[str, str, dict]]:
     if args.noise == "gaussian":
         return [(f"{s:g}", f"s{s:g}", {"sigma": float(s)}) for s in dict.fromkeys(args.sigma)]
     return [(f"a={a:g},b={b:g}", f"a{a:g}_b{b:g}", {"a": float(a), "b": float(b)}) for a, b in HETERO_EVAL_PAIRS]
-
-
-def check_writable(path: Path, what: str) -> None:
-    """Fail now, not after the evaluation, when ``path`` (a file or folder to be) cannot be written."""
-    parent = path if what == "--save-images" else path.parent
-    check_writable_folder(parent, f"{what} {path}")
-    if what == "--json" and path.is_dir():
-        raise UsageError(f"--json {path}: is a folder")
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -242,13 +157,6 @@ def make_pair(img: np.ndarray, index: int, level: dict) -> tuple[np.ndarray, np.
     raw_np = raw[0, 0].numpy()
     sigma = math.sqrt(float(np.mean(a * np.maximum(raw_np.astype(np.float64), 0) + b))) * 255
     return raw_np, noisy[0, 0].numpy(), sigma
-
-
-def _image_file_names(paths: list[Path]) -> list[str]:
-    stems = [p.stem for p in paths]
-    if len(set(stems)) == len(stems):
-        return [f"{s}.png" for s in stems]
-    return [f"{p.name}.png" for p in paths]  # a.png and a.jpg in one folder: keep the suffix
 
 
 def evaluate_level(images, level, methods, save_dir: Path | None, file_names, progress_desc, quiet, tile, device):
@@ -288,27 +196,6 @@ def evaluate_level(images, level, methods, save_dir: Path | None, file_names, pr
     if "sigma" not in level:
         out["baseline_sigma"] = sigmas  # the per-image sigma the Gaussian baselines were given
     return out
-
-
-def format_table(methods: dict) -> str:
-    rows = ["| method | PSNR | SSIM | s/image |", "|---|---:|---:|---:|"]
-    for name, m in methods.items():
-        rows.append(f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['time_s']:.3f} |")
-    return "\n".join(rows)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=1) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _model_notes(models_info: dict, args) -> None:

@@ -1,0 +1,209 @@
+"""What the image programs of ``pipelines/`` share: model and data loading with one-line errors, JSON, progress.
+
+``eval_denoise.py`` and ``eval_sr.py`` load their test folders, weights and output paths with
+these functions (every input checked before the first slow step, :class:`n3sets.cli.UsageError`
+naming the argument otherwise); ``denoise.py`` and ``upscale.py`` check their output file and
+report tile progress with them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from n3sets.cli import UsageError, check_writable_folder
+from n3sets.pretrained import resolve_weights, weights_name
+from n3sets.training import resolve_device
+
+from .io import list_images, read_image, same_file
+
+__all__ = ["WRITE_SUFFIXES", "pick_device", "load_image_model", "sha256", "load_models", "load_dataset", "dataset_names",
+           "check_writable", "check_output", "write_json", "image_file_names", "format_table", "TileProgress"]
+
+WRITE_SUFFIXES = {".png": (8, 16), ".tif": (8, 16), ".tiff": (8, 16), ".jpg": (8,), ".jpeg": (8,)}
+
+
+def pick_device(name: str) -> torch.device:
+    """``--device`` as a torch device; UsageError naming it when it is malformed or absent."""
+    try:
+        return resolve_device(name)
+    except ValueError as exc:
+        raise UsageError(f"--device {name}: {exc}") from None
+
+
+def load_image_model(spec: str, task: str | None = None, option: str = "--weights"):
+    """``(model, path)`` of an image model (of ``task``, when given); UsageError naming ``spec`` otherwise."""
+    from . import load_model
+
+    try:
+        model = load_model(spec, task=task)  # its errors name the file and list the shipped image models
+        path = resolve_weights(spec)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"{option} {spec}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 -- a weight file that does not fit its class, etc.
+        raise UsageError(f"{option} {spec}: cannot load the model from {spec}: {type(exc).__name__}: {exc}") from None
+    return model, path
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_models(specs: list[str], device: torch.device, *, program: str, reserved: tuple[str, ...],
+                task: str | None = None, check: Callable | None = None) -> tuple[dict, dict, dict]:
+    """``(models, weights_info, duplicates)`` of ``--weights`` specs, named by :func:`weights_name`.
+
+    The same weight content given twice is loaded once (a note on stderr); a name in ``reserved``
+    (the baselines') or two different files with one name are UsageErrors. ``check(spec, model)``
+    may raise a UsageError for a model the program cannot use.
+    """
+    models, info, duplicates, by_hash, paths = {}, {}, {}, {}, {}
+    for spec in specs:
+        model, path = load_image_model(spec, task)
+        if check is not None:
+            check(spec, model)
+        digest = sha256(path)
+        name = weights_name(spec)
+        if digest in by_hash:
+            first = by_hash[digest]
+            duplicates[spec] = first
+            print(f"{program}: note: --weights {spec} is the same weight file as {first!r} "
+                  f"(identical content); evaluated once, as {first!r}", file=sys.stderr)
+            continue
+        if name in reserved:
+            raise UsageError(f"--weights {spec}: the method name {name!r} is reserved ({', '.join(reserved)}); "
+                             "rename the weight file")
+        if name in models:
+            raise UsageError(f"--weights: two different weight files are both named {name!r} ({paths[name]} and "
+                             f"{path}); methods are named by file stem, so rename or copy one of them")
+        by_hash[digest], paths[name] = name, path
+        models[name] = model.to(device).eval()
+        info[name] = {
+            "spec": spec,
+            "path": str(path),
+            "sha256": digest,
+            "class": type(model).__name__,
+            "conf": model.conf,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "meta": getattr(model, "meta", {}) or {},
+        }
+    return models, info, duplicates
+
+
+def load_dataset(folder: str, max_images: int | None, mode: str = "gray",
+                 min_side: int = 11) -> tuple[list[Path], list[np.ndarray]]:
+    """Sorted image paths of ``folder`` and the images (read with ``mode``), all checked before any work."""
+    try:
+        paths = list_images(folder)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(f"--data {folder}: {exc}") from None
+    if max_images is not None:
+        paths = paths[:max_images]
+    images = []
+    for p in paths:
+        try:
+            img = read_image(p, mode)
+        except (ValueError, FileNotFoundError) as exc:
+            raise UsageError(f"--data {folder}: {exc}") from None
+        if min(img.shape[:2]) < min_side:
+            raise UsageError(f"--data {folder}: image {p} is {img.shape[1]}x{img.shape[0]}; "
+                             f"SSIM needs at least {min_side}x{min_side}")
+        if not np.isfinite(img).all():
+            raise UsageError(f"--data {folder}: image {p} holds NaN or infinite values")
+        images.append(img)
+    return paths, images
+
+
+def dataset_names(folders: list[str]) -> list[str]:
+    """The results key of every ``--data`` folder (its name); UsageError for two with one name."""
+    names = []
+    for folder in folders:
+        name = Path(folder).resolve().name or str(folder)
+        if name in names:
+            raise UsageError(f"--data: two folders are both named {name!r} ({folders[names.index(name)]} and {folder}); "
+                             "results are keyed by folder name")
+        names.append(name)
+    return names
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail now, not after the evaluation, when ``path`` (a file or folder to be) cannot be written."""
+    parent = path if what == "--save-images" else path.parent
+    check_writable_folder(parent, f"{what} {path}")
+    if what == "--json" and path.is_dir():
+        raise UsageError(f"--json {path}: is a folder")
+
+
+def check_output(inp: Path, out: Path, overwrite: bool, bit_depth: int | None) -> None:
+    """Everything about an output image OUT that can be checked before the (slow) processing."""
+    suffix = out.suffix.lower()
+    if suffix not in WRITE_SUFFIXES:
+        raise UsageError(f"OUT {out}: unsupported suffix {out.suffix or '(none)'}; use one of {', '.join(WRITE_SUFFIXES)}")
+    if bit_depth is not None and bit_depth not in WRITE_SUFFIXES[suffix]:
+        raise UsageError(f"--bit-depth {bit_depth}: {suffix} files are {'/'.join(map(str, WRITE_SUFFIXES[suffix]))}-bit")
+    if same_file(inp, out):
+        raise UsageError(f"OUT {out} is the input file; write the result to another file")
+    if out.is_dir():
+        raise UsageError(f"OUT {out} is a folder; give a file name")
+    if out.exists() and not overwrite:
+        raise UsageError(f"OUT {out} exists; pass --overwrite to replace it")
+    check_writable_folder(out.parent, f"OUT {out}")
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """``obj`` as indented JSON at ``path``, atomically (temporary file + ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, indent=1) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def image_file_names(paths: list[Path]) -> list[str]:
+    """PNG file names for saved outputs: the stems, or the full names when two stems collide."""
+    stems = [p.stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return [f"{s}.png" for s in stems]
+    return [f"{p.name}.png" for p in paths]  # a.png and a.jpg in one folder: keep the suffix
+
+
+def format_table(methods: dict) -> str:
+    rows = ["| method | PSNR | SSIM | s/image |", "|---|---:|---:|---:|"]
+    for name, m in methods.items():
+        rows.append(f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['time_s']:.3f} |")
+    return "\n".join(rows)
+
+
+class TileProgress:
+    """``progress(done, total)`` for tiled inference: a tile counter on stderr (``label: tile 3/8``)."""
+
+    def __init__(self, enabled: bool, label: str = "denoising"):
+        self.enabled, self.label, self.tty, self.last = enabled, label, sys.stderr.isatty(), 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self.tty:
+            print(f"\r{self.label}: tile {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        elif done == total or now - self.last >= 5.0 or done == 1:
+            print(f"{self.label}: tile {done}/{total}", file=sys.stderr, flush=True)
+            self.last = now
