@@ -35,7 +35,7 @@ from n3images.training import BASE_CSV_FIELDS, ImageTask, add_common_arguments, 
 
 DEFAULT_SCALES = (2, 3, 4)
 DEGRADATION = ("MATLAB bicubic imresize (a=-0.5, antialiased) down by 1/scale and up by scale, float64, not quantised; "
-               "luma Y (BT.601, rgb2ycbcr; grey images as R=G=B)")
+               "luma Y (BT.601, rgb2ycbcr; grey images as R=G=B) rounded to 8-bit levels")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,7 +69,7 @@ def sr_batch(clean: torch.Tensor, args, gen: torch.Generator, epoch: int, step: 
 
 
 def prepare_images(images: list[np.ndarray], args) -> list[np.ndarray]:
-    return [to_luma(img).astype(np.float32) for img in images]
+    return [to_luma(img, quantize=True).astype(np.float32) for img in images]
 
 
 def validation_pairs(images: list[np.ndarray], args) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
