@@ -11,6 +11,8 @@ Examples::
     python data_prep/build_corr_dataset.py --format yi --scene raw_data/st_peters_square/train --out sp.h5
     python data_prep/build_corr_dataset.py --format colmap --scene project/sparse/0 --images project/images --out c.h5
     python data_prep/build_corr_dataset.py --format synthetic --num-pairs 200 --out synthetic.h5
+    python data_prep/build_corr_dataset.py --format oanet-dump --scene data_dump/yfcc-sift-2000-train.hdf5 --out yfcc_train.h5
+    python data_prep/build_corr_dataset.py --format cne-dump --scene dump/st_peters/numkp-2000/nn-1/nocrop/tr-10000 --out sp.h5
     python data_prep/build_corr_dataset.py --merge a.h5 b.h5 --out all.h5      # combine --shard outputs
 
 Pair selection, labels and the file layout are described in ``data_prep/build.py`` and
@@ -32,6 +34,8 @@ from data_prep.labels import DEFAULT_THRESHOLD  # noqa: E402
 from n3sets.cli import UsageError, check_writable_folder, one_line  # noqa: E402
 
 PROGRAM = "build_corr_dataset.py"
+FORMATS = ["strecha", "yi", "colmap", "synthetic", "oanet-dump", "cne-dump"]
+DUMP_FORMATS = ("oanet-dump", "cne-dump")
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -46,8 +50,10 @@ def _shard(text: str) -> tuple[int, int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--format", choices=["strecha", "yi", "colmap", "synthetic"], help="scene layout")
-    p.add_argument("--scene", action="append", default=[], help="scene folder (repeatable); colmap: the model folder")
+    p.add_argument("--format", choices=FORMATS, help="scene layout")
+    p.add_argument("--scene", action="append", default=[],
+                   help="scene folder (repeatable); colmap: the model folder; oanet-dump: an .hdf5 dump file; "
+                        "cne-dump: a split folder (<tr|va|te>-N); photos: a folder of photos (optional K.txt)")
     p.add_argument("--images", action="append", default=[], help="colmap only: image folder per --scene (default: ../../images)")
     p.add_argument("--out", required=True, help="output h5 (training pairs when --val-out is given)")
     p.add_argument("--overwrite", action="store_true", help="replace --out / --val-out when they exist (refused otherwise)")
@@ -79,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error("--val-fraction needs --val-out")
         if args.val_out and not args.val_fraction:
             p.error("--val-out needs --val-fraction > 0")
+        if args.format in DUMP_FORMATS and args.val_out:
+            p.error(f"--format {args.format}: the dumps come split already (one file or folder per split); "
+                    "convert each split into its own --out")
     return args
 
 
@@ -119,6 +128,15 @@ def run(args) -> int:
             n_val = max(1, int(round(args.num_pairs * args.val_fraction)))
             write_synthetic_dataset(args.val_out, n_val, seed=args.seed + 1, num_matches=args.num_kp, outlier_ratio=args.outlier_ratio, threshold=args.threshold)
         print(f"wrote synthetic pairs to {args.out}" + (f" and {args.val_out}" if args.val_out else ""))
+        return 0
+
+    if args.format in DUMP_FORMATS:
+        from data_prep.dumps import convert_dumps, format_dump_summary
+
+        summary = convert_dumps(args.format, args.scene, args.out, threshold=args.threshold, max_pairs=args.max_pairs)
+        print(format_dump_summary(summary))
+        if args.summary_json:
+            Path(args.summary_json).write_text(summary_json(summary))
         return 0
 
     from data_prep.scenes import read_scene
