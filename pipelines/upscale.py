@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Upscale one image file with a trained super-resolution model.
+
+    python pipelines/upscale.py photo.png photo_x3.png --scale 3 --weights n3net-sr-x234
+    python pipelines/upscale.py scan.tif scan_x2.tif --scale 2 --weights runs/vdsr/vdsr.pt --tile 256
+
+Any size, grey or colour, 8/16-bit PNG or TIFF, JPEG, BMP (``read_image(IN, "auto")``; an alpha
+channel is dropped). The image is converted to YCbCr (BT.601, MATLAB's ``rgb2ycbcr``); every
+channel is upscaled by MATLAB's bicubic ``imresize``; Y then goes through the model, in tiles of
+``--tile`` pixels (same result as one pass, bounded memory); back to RGB
+(:func:`n3images.sr.upscale_image`). ``--weights bicubic`` gives plain bicubic upscaling.
+
+The output (``write_image``, atomic) has the bit depth of the input for PNG / TIFF output (16 for
+a float TIFF input) and 8 bits for JPEG, unless ``--bit-depth`` says otherwise. The input is never
+overwritten, and an existing OUT only with ``--overwrite``. Bad input: one line on stderr naming
+it, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from n3images import programs
+from n3images.inference import DEFAULT_TILE
+from n3images.io import image_bit_depth, read_image, write_image
+from n3images.programs import WRITE_SUFFIXES, check_output, pick_device
+from n3images.sr import upscale_image
+from n3sets.cli import UsageError, one_line
+from n3sets.pretrained import weights_name
+
+PROGRAM = "upscale.py"
+MAX_OUTPUT_PIXELS = 400_000_000  # beyond this the float64 YCbCr planes alone need > 10 GB
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROGRAM, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", metavar="IN", help="image to upscale (PNG, JPEG, TIFF, BMP; 8 or 16 bit; grey or colour)")
+    p.add_argument("output", metavar="OUT", help="upscaled image to write (.png, .tif, .tiff, .jpg, .jpeg)")
+    p.add_argument("--scale", type=int, required=True, help="upscaling factor (an integer >= 2)")
+    p.add_argument("--weights", required=True, metavar="NAME_OR_PATH",
+                   help="super-resolution model: a shipped name (n3images.available_models()), a weight file, or 'bicubic'")
+    p.add_argument("--bit-depth", type=int, choices=(8, 16),
+                   help="bits per sample of OUT (default: the input's for PNG/TIFF, 8 for JPEG)")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile side in output pixels (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never IN)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    args = p.parse_args(argv)
+    if args.scale < 2:
+        p.error(f"--scale {args.scale}: must be an integer >= 2")
+    if args.tile < 1:
+        p.error("--tile must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    return args
+
+
+def scale_note(name: str, meta: dict, scale: int) -> str | None:
+    """A warning when the model was not trained for ``scale`` (None when it was, or does not say)."""
+    trained = meta.get("scales")
+    if isinstance(trained, list) and trained and scale not in trained:
+        return (f"warning: model {name} was trained for x{', x'.join(map(str, trained))}, not x{scale}; "
+                "the result may be poor")
+    return None
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    inp, out = Path(args.input), Path(args.output)
+    if not inp.exists():
+        raise UsageError(f"IN {inp}: no such file")
+    check_output(inp, out, args.overwrite, args.bit_depth)
+    try:
+        image = read_image(inp, "auto")
+        in_depth = image_bit_depth(inp)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(f"IN {inp}: {exc}") from None
+    if not np.isfinite(image).all():
+        raise UsageError(f"IN {inp}: the image holds NaN or infinite values")
+    h, w = image.shape[:2]
+    if h * w * args.scale ** 2 > MAX_OUTPUT_PIXELS:
+        raise UsageError(f"IN {inp}: {w}x{h} upscaled x{args.scale} is {w * args.scale}x{h * args.scale}, more than "
+                         f"{MAX_OUTPUT_PIXELS // 1_000_000} megapixels; crop it first")
+    device = pick_device(args.device)
+    message = None
+    if args.weights == "bicubic":
+        model, name = None, "bicubic"
+    else:
+        model = programs.load_image_model(args.weights, task="super-resolution")[0].to(device).eval()
+        name = weights_name(args.weights)
+        message = scale_note(name, getattr(model, "meta", {}) or {}, args.scale)
+        if message:
+            print(f"{PROGRAM}: {message}", file=sys.stderr)
+
+    suffix = out.suffix.lower()
+    bit_depth = args.bit_depth or (8 if WRITE_SUFFIXES[suffix] == (8,) else min(in_depth, 16))
+    progress = programs.TileProgress(not args.quiet and model is not None, "upscaling")
+    t0 = time.perf_counter()
+    result = upscale_image(model, image, args.scale, tile=args.tile, device=device, progress=progress)
+    elapsed = time.perf_counter() - t0
+    try:
+        written = write_image(out, result, bit_depth=bit_depth, protect=inp)
+    except OSError as exc:
+        raise UsageError(f"OUT {out}: cannot write: {exc}") from None
+
+    kind = "grey" if image.ndim == 2 else "RGB"
+    H, W = result.shape[:2]
+    print(f"{inp} ({w}x{h} {kind}, {in_depth}-bit) upscaled x{args.scale} with {name} on {device} in {elapsed:.2f} s "
+          f"-> {written} ({W}x{H}, {bit_depth}-bit)")
+    return {"input": str(inp), "output": str(written), "width": w, "height": h, "out_width": W, "out_height": H,
+            "scale": args.scale, "channels": 1 if image.ndim == 2 else 3, "input_bit_depth": in_depth,
+            "bit_depth": bit_depth, "seconds": elapsed, "weights": name, "device": str(device), "warning": message}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"{PROGRAM}: error: {one_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
