@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--train", type=Path, help="training h5 (data_prep schema); omit for the synthetic default")
     p.add_argument("--val", type=Path, help="validation h5")
+    p.add_argument("--manifest", type=Path,
+                   help="instead of --train/--val: a JSON manifest of per-scene h5 files (data_prep/manifest.py); "
+                        "training draws pairs balanced over scenes, validation is its 'val' scenes")
     p.add_argument("--model", choices=sorted(MODELS), default="n3net")
     p.add_argument("--out", type=Path, help="output folder (default runs/train_corr_default without --train)")
     p.add_argument("--side-info", action="store_true", help="add Lowe ratio and mutual flag as input channels")
@@ -127,14 +130,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.train is None) != (args.val is None):
         p.error("--train and --val go together (or neither, for the synthetic default)")
-    args.synthetic_default = args.train is None
-    if args.train is None:
+    if args.manifest is not None and args.train is not None:
+        p.error("--manifest replaces --train/--val; give one or the other")
+    args.synthetic_default = args.train is None and args.manifest is None
+    if args.synthetic_default:
         args.out = args.out or Path(DEFAULT_RUN["out"])
         args.epochs = args.epochs or DEFAULT_RUN["epochs"]
         args.batch_size = args.batch_size or DEFAULT_RUN["batch_size"]
         args.essential_after = DEFAULT_RUN["essential_after"] if args.essential_after is None else args.essential_after
     elif args.out is None:
-        p.error("--out is required with --train")
+        p.error("--out is required with --train or --manifest")
     args.epochs = 20 if args.epochs is None else args.epochs
     args.batch_size = 16 if args.batch_size is None else args.batch_size
     args.essential_after = -1 if args.essential_after is None else args.essential_after
@@ -373,6 +378,8 @@ def open_sets(args) -> tuple[CorrespondenceDataset, CorrespondenceDataset]:
     max_matches = args.max_matches if args.max_matches and args.max_matches > 0 else None
     train_kw = {"max_matches": max_matches, "seed": args.seed, "augment_swap": args.augment_swap,
                 "augment_rotation": args.augment_rotation}
+    if args.manifest is not None:
+        return open_manifest_sets_args(args, train_kw)
     sets = []
     for option, path, kw, limit, use in (("--train", args.train, train_kw, args.max_train_pairs, "train on"),
                                           ("--val", args.val, {}, args.max_val_pairs, "validate on")):
@@ -388,6 +395,31 @@ def open_sets(args) -> tuple[CorrespondenceDataset, CorrespondenceDataset]:
         if len(ds) == 0:
             raise UsageError(f"{option} {path}: holds no pairs to {use}")
         sets.append(ds)
+    return sets[0], sets[1]
+
+
+def open_manifest_sets_args(args, train_kw: dict):
+    """--manifest: one CorrespondenceDataset per scene (seed offset per scene, so scenes subsample
+    independently), concatenated; UsageError naming the manifest, the scene and the file."""
+    from data_prep.manifest import open_manifest_sets, read_manifest
+
+    try:
+        manifest = read_manifest(args.manifest)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(f"--manifest {one_line(exc)}") from None
+    sets = []
+    for split, kw, limit in (("train", train_kw, args.max_train_pairs), ("val", {}, args.max_val_pairs)):
+        def factory(entry, i, kw=kw, limit=limit):
+            extra = dict(kw, seed=kw["seed"] + 100_003 * i) if "seed" in kw else kw
+            ds = CorrespondenceDataset(entry.path, side_info=args.side_info, **extra)
+            if limit:
+                ds.keys = ds.keys[:limit]
+            return ds
+        try:
+            sets.append(open_manifest_sets(manifest, split, factory))
+        except (ValueError, FileNotFoundError) as exc:
+            raise UsageError(f"--manifest {one_line(exc)}") from None
+    args.manifest_sampling = manifest.sampling
     return sets[0], sets[1]
 
 
@@ -410,9 +442,9 @@ def run(args, argv=None) -> dict:
     command = command_line("pipelines/train_corr.py", argv, world)
     out: Path = args.out
     # the embedded default is a demo that may be rerun freely; a real run is never replaced silently
-    check_out_dir(out, args.resume, args.overwrite, exempt=args.train is None)
+    check_out_dir(out, args.resume, args.overwrite, exempt=args.synthetic_default)
     check_outputs(args)
-    if args.train is None:
+    if args.synthetic_default:
         args.train, args.val = prepare_default_data(out, rank, world, args.seed)
         if rank == 0:
             print(f"synthetic default: data in {args.train.parent}, output in {out}")
@@ -423,6 +455,13 @@ def run(args, argv=None) -> dict:
     train_set, val_set = open_sets(args)
     # one sampler in both modes: the order depends on (seed, epoch) only, so --resume is exact
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    if args.manifest is not None:  # pairs balanced over scenes, also a function of (seed, epoch) only
+        from data_prep.manifest import SceneBalancedSampler, describe
+
+        sampler = SceneBalancedSampler(train_set, mode=args.manifest_sampling, seed=args.seed, num_replicas=world, rank=rank)
+        if rank == 0:
+            print(f"--manifest {args.manifest} ({args.manifest_sampling} sampling): train scenes {describe(train_set, sampler)}; "
+                  f"val scenes {describe(val_set)}")
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_sets,
                               num_workers=args.num_workers, persistent_workers=False)
     val_loader = DataLoader(Subset(val_set, list(range(rank, len(val_set), world))), batch_size=args.val_batch_size,
@@ -474,12 +513,15 @@ def run(args, argv=None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     if rank == 0:
         print(f"{type(model).__name__} ({n_params / 1e6:.3f} M parameters) {model.conf}")
-        print(f"train: {args.train} ({len(train_set)} pairs), val: {args.val} ({len(val_set)} pairs), "
+        print(f"train: {args.train or args.manifest} ({len(train_set)} pairs), val: {args.val or args.manifest} ({len(val_set)} pairs), "
               f"processes: {world}, threads/process: {torch.get_num_threads()}")
 
     info = {"command": command, "commands": commands, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "model": args.model, "model_conf": model.conf, "parameters": n_params, "world_size": world}
     data_info = {"train": str(args.train), "val": str(args.val), "train_pairs": len(train_set), "val_pairs": len(val_set)}
+    if args.manifest is not None:
+        data_info.update(manifest=str(args.manifest), sampling=args.manifest_sampling, train_scenes=dict(zip(train_set.scenes, train_set.sizes)),
+                         val_scenes=dict(zip(val_set.scenes, val_set.sizes)), pairs_per_epoch=int(sampler.quotas.sum()))
     train_time = history[-1]["train_time_s"] if history else 0.0
 
     for epoch in range(start_epoch, args.epochs):
