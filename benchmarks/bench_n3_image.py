@@ -1,9 +1,10 @@
-"""Speed and peak memory of the image N3 block, the denoisers, and the set block before/after the engine refactor.
+"""Speed and peak memory of the image N3 block, the denoisers, the SR models, and the set block before/after the engine refactor.
 
     python benchmarks/bench_n3_image.py --json out.json [--threads 1] [--repeats 3] [--quick]
-        [--sections block2d denoiser set] [--mem-cap-gib 12] [--timeout 1800]
+        [--sections block2d denoiser set sr] [--mem-cap-gib 12] [--timeout 1800]
 
-Three sections, every configuration measured in its own process:
+Four sections (the first three by default; ``sr`` on request), every configuration measured in
+its own process:
 
 ``block2d``
     :class:`n3images.N3Block2d` forward + backward (train mode) at the denoiser's training
@@ -27,6 +28,12 @@ Three sections, every configuration measured in its own process:
     old modules are extracted at run time with ``git show a9d5a60:n3sets/<file>`` (n3block.py and
     the modules it imports, followed recursively) into a temporary package that is deleted
     afterwards; without git or the commit the section is skipped with a note.
+``sr`` (only with ``--sections ... sr``)
+    :class:`n3images.VDSR` and :class:`n3images.N3NetSR` upscaling to a 512x512 output at x2 and x4
+    in eval mode under ``torch.no_grad``: the bicubic upscaling of the low-resolution luma
+    (:func:`n3images.sr.bicubic_up`, numpy float64) plus the network forward on the result, as
+    ``eval_sr.py`` and ``upscale.py`` run them; untrained models. Both networks run on the
+    upscaled image, so their cost depends on the output size, not on the scale.
 
 Method (as ``bench_n3_set.py``): time is the median over ``--repeats`` passes after one warm-up
 pass; peak memory is the resident-set high-water mark (``ru_maxrss``) of the configuration's own
@@ -74,13 +81,14 @@ dense_estimate_bytes, machine_info = _set_benchmark.dense_estimate_bytes, _set_b
 
 MIB = 1024 ** 2
 GIB = 1024 ** 3
-SECTIONS = ("block2d", "denoiser", "set")
+SECTIONS = ("block2d", "denoiser", "set")  # the default sections
+ALL_SECTIONS = SECTIONS + ("sr",)
 OLD_COMMIT = "a9d5a60"  # last commit before the N3 engine refactor of n3sets/n3block.py
 OLD_PACKAGE = "n3sets_before_engine"
 # modules the fork server imports once; torch.broadcast_shapes (used by n3sets.knn) imports sympy
 # through torch.fx.experimental.symbolic_shapes on its first call (~0.5 s per process)
 PRELOAD = ["torch", "torch.fx.experimental.symbolic_shapes", "n3sets.engine", "n3sets.n3block", "n3images.patches",
-           "n3images.n3block2d", "n3images.models"]
+           "n3images.n3block2d", "n3images.models", "n3images.sr"]
 
 # Indexed (per-query gather) dense path: peak ~ this many times the two gathered tensors
 # (B, L, O, E) and (B, L, O, F) in float32 (kept for the backward, plus their gradients).
@@ -93,12 +101,14 @@ CONFIGS = {
                     "window": 15, "tile": 8, "embed_channels": 8, "temperature": 0.1},
         "denoiser": {"channels": 1, "sizes": [[512, 512], [1024, 768]]},  # width x height
         "set": {"batch": 4, "sizes": [500, 2000], "channels": 16, "k": 7},
+        "sr": {"output": [512, 512], "scales": [2, 4]},  # width x height of the output
     },
     "quick": {
         "block2d": {"batch": 2, "height": 30, "width": 30, "channels": 8, "k": 7, "patch_size": 10, "stride": 5,
                     "window": 15, "tile": 2, "embed_channels": 8, "temperature": 0.1},
         "denoiser": {"channels": 1, "sizes": [[40, 32], [48, 40]]},
         "set": {"batch": 2, "sizes": [40, 80], "channels": 16, "k": 7},
+        "sr": {"output": [48, 40], "scales": [2, 4]},
     },
 }
 
@@ -242,6 +252,37 @@ def work_denoiser(spec: dict) -> dict:
     return {**info, **_measure(step, spec["repeats"], baseline)}
 
 
+def work_sr(spec: dict) -> dict:
+    import numpy as np
+    import torch
+
+    from n3images.models import N3NetSR, VDSR
+    from n3images.sr import bicubic_up
+
+    c, variant, scale = spec["config"], spec["variant"], spec["scale"]
+    width, height = c["output"]
+    torch.manual_seed(0)
+    model = (N3NetSR() if variant == "n3net-sr" else VDSR()).eval()
+    for m in model.modules():  # default running statistics, as in work_denoiser
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+        elif type(m).__name__ == "DistanceNorm":
+            m.running_mean.zero_()
+            m.running_var.fill_(1.0)
+    lr = np.random.default_rng(0).random((height // scale, width // scale))
+    info = {"parameters": sum(q.numel() for q in model.parameters()), "input": [width // scale, height // scale]}
+    baseline = _maxrss_kib()
+
+    def step():
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            x = torch.from_numpy(bicubic_up(lr, scale).astype(np.float32))[None, None]
+            model(x)
+            return time.perf_counter() - t0
+
+    return {**info, **_measure(step, spec["repeats"], baseline)}
+
+
 def _old_n3block_module(old_dir: str):
     # Legitimate sys.path use: the pre-engine n3sets is rebuilt from git (OLD_COMMIT) into a
     # temporary folder as the package OLD_PACKAGE; that folder must be importable in this process.
@@ -283,7 +324,7 @@ def work_set(spec: dict) -> dict:
     return out
 
 
-WORKERS = {"block2d": work_block2d, "denoiser": work_denoiser, "set": work_set}
+WORKERS = {"block2d": work_block2d, "denoiser": work_denoiser, "set": work_set, "sr": work_sr}
 
 
 def _child(spec: dict, conn) -> None:
@@ -398,6 +439,27 @@ def run_denoiser(run, conf: dict, args) -> dict:
             del ratios[size]
     return {"config": conf, "rows": rows, "ratios": ratios,
             "notes": "forward only, eval mode, torch.no_grad, batch 1, untrained weights; sizes are width x height"}
+
+
+def run_sr(run, conf: dict, args) -> dict:
+    rows, ratios = {}, {}
+    width, height = conf["output"]
+    for scale in conf["scales"]:
+        key = f"x{scale}"
+        if width % scale or height % scale:
+            raise SystemExit(f"sr: output {width}x{height} is not a multiple of scale {scale}")
+        rows[key] = {}
+        for variant in ("vdsr", "n3net-sr"):
+            r = run({"section": "sr", "variant": variant, "scale": scale, "config": conf, "repeats": args.repeats,
+                     "threads": args.threads})
+            rows[key][variant] = r
+            _log(f"sr {variant} {key} -> {width}x{height}", r)
+        rt = _ratios(rows[key], [("n3net-sr", "vdsr")]).get("n3net-sr/vdsr")
+        if rt is not None:
+            ratios[key] = rt
+    return {"config": conf, "rows": rows, "ratios": ratios,
+            "notes": f"bicubic upscaling (numpy float64) + forward, eval mode, torch.no_grad, batch 1, luma, output "
+                     f"{width}x{height} (width x height); untrained weights"}
 
 
 def extract_old_package(dest: Path) -> tuple[dict | None, str | None]:
@@ -530,6 +592,18 @@ def tables(results: dict) -> str:
                              f"{_cell(a, 'time_ms', '{:.1f}')} | {_cell(a, 'peak_mib', '{:.1f}')} | "
                              f"{_rcell(rt, 'time')} | {_rcell(rt, 'memory')} |")
             parts.append("\n".join(lines))
+    if "sr" in results:
+        sec = results["sr"]
+        w, h = sec["config"]["output"]
+        parts.append(f"Super-resolution to {w}x{h} (bicubic + forward, eval, no_grad, batch 1, luma)")
+        lines = ["| scale | VDSR ms | VDSR MiB | N3Net-SR ms | N3Net-SR MiB | time N3Net-SR/VDSR | mem N3Net-SR/VDSR |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        for key, rows in sec["rows"].items():
+            v, n, rt = rows.get("vdsr", {}), rows.get("n3net-sr", {}), sec["ratios"].get(key)
+            lines.append(f"| {key} | {_cell(v, 'time_ms', '{:.1f}')} | {_cell(v, 'peak_mib', '{:.1f}')} | "
+                         f"{_cell(n, 'time_ms', '{:.1f}')} | {_cell(n, 'peak_mib', '{:.1f}')} | "
+                         f"{_rcell(rt, 'time')} | {_rcell(rt, 'memory')} |")
+        parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
 
@@ -540,7 +614,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per configuration (0: torch default)")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per configuration (after one warm-up)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (tests); the figures mean nothing")
-    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    ap.add_argument("--sections", nargs="+", choices=ALL_SECTIONS, default=list(SECTIONS),
+                    help="sr (VDSR vs N3Net-SR) runs only when named")
     ap.add_argument("--mem-cap-gib", type=float, default=12.0, help="skip dense paths whose estimated peak exceeds this")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     args = ap.parse_args(argv)
@@ -557,8 +632,8 @@ def main(argv=None) -> int:
         "machine": machine_info(args.threads),
         "results": {},
     }
-    runners = {"block2d": run_block2d, "denoiser": run_denoiser, "set": run_set}
-    for section in SECTIONS:
+    runners = {"block2d": run_block2d, "denoiser": run_denoiser, "set": run_set, "sr": run_sr}
+    for section in ALL_SECTIONS:
         if section in args.sections:
             report["results"][section] = runners[section](run, confs[section], args)
     report["machine"]["load_avg_at_end"] = os.getloadavg()

@@ -240,3 +240,23 @@ def test_upscale_subprocess_exit_code(env, tmp_path):
                            str(tmp_path / "o.png"), "--scale", "2", "--weights", "bicubic"],
                           capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "missing.png" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------- benchmark
+
+
+def test_bench_sr_section_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_n3_image.py"), "--json", str(out), "--quick",
+                           "--repeats", "1", "--threads", "1", "--sections", "sr"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    sec = rep["results"]["sr"]
+    assert list(rep["results"]) == ["sr"] and list(sec["rows"]) == ["x2", "x4"]
+    for rows in sec["rows"].values():
+        assert set(rows) == {"vdsr", "n3net-sr"}
+        for r in rows.values():
+            assert "error" not in r and r["time_ms"] > 0 and r["peak_mib"] >= 0 and r["threads"] == 1
+    assert sec["rows"]["x4"]["vdsr"]["input"] == [12, 10]
+    assert set(sec["ratios"]["x2"]) == {"time", "memory"} and "N3Net-SR" in rep["table_markdown"]
