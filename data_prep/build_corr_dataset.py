@@ -13,6 +13,7 @@ Examples::
     python data_prep/build_corr_dataset.py --format synthetic --num-pairs 200 --out synthetic.h5
     python data_prep/build_corr_dataset.py --format oanet-dump --scene data_dump/yfcc-sift-2000-train.hdf5 --out yfcc_train.h5
     python data_prep/build_corr_dataset.py --format cne-dump --scene dump/st_peters/numkp-2000/nn-1/nocrop/tr-10000 --out sp.h5
+    python data_prep/build_corr_dataset.py --format photos --scene ../shared/data/photos/sceaux-castle --out data_out/sceaux.h5
     python data_prep/build_corr_dataset.py --merge a.h5 b.h5 --out all.h5      # combine --shard outputs
 
 Pair selection, labels and the file layout are described in ``data_prep/build.py`` and
@@ -34,7 +35,7 @@ from data_prep.labels import DEFAULT_THRESHOLD  # noqa: E402
 from n3sets.cli import UsageError, check_writable_folder, one_line  # noqa: E402
 
 PROGRAM = "build_corr_dataset.py"
-FORMATS = ["strecha", "yi", "colmap", "synthetic", "oanet-dump", "cne-dump"]
+FORMATS = ["strecha", "yi", "colmap", "synthetic", "oanet-dump", "cne-dump", "photos"]
 DUMP_FORMATS = ("oanet-dump", "cne-dump")
 
 
@@ -73,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--summary-json", help="also write the summary as JSON here")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--merge", nargs="+", help="merge these shard files into --out and exit")
+    p.add_argument("--sfm-dir", help="photos only: folder for the COLMAP reconstructions, one subfolder per scene "
+                                     "(default: OUT_DIR/OUT_STEM_sfm)")
+    p.add_argument("--max-features", type=int, default=8192, help="photos only: COLMAP SIFT features per image for SfM")
     p.add_argument("--num-pairs", type=int, default=100, help="synthetic only: number of pairs")
     p.add_argument("--outlier-ratio", type=float, default=0.6, help="synthetic only")
     args = p.parse_args(argv)
@@ -111,8 +115,46 @@ def check_outputs(args) -> None:
         if path.is_dir():
             raise UsageError(f"--summary-json {path} is a folder; give a file name")
         check_writable_folder(path.parent, f"--summary-json {path}")
+    if args.format == "photos" and not args.merge:
+        names = [photo_scene_name(s) for s in args.scene]
+        if len(set(names)) != len(names):
+            raise UsageError(f"--format photos: two --scene folders share a name ({', '.join(names)}); "
+                             "their reconstructions would collide in --sfm-dir")
+        for name in names:
+            target = sfm_root(args) / name
+            if target.exists() and not args.overwrite:
+                raise UsageError(f"SfM folder {target} exists; pass --overwrite to replace it (or choose --sfm-dir)")
+        check_writable_folder(sfm_root(args).parent, f"--sfm-dir {sfm_root(args)}")
     if args.images and len(args.images) != len(args.scene):
         raise UsageError(f"--images must be given once per --scene ({len(args.images)} --images, {len(args.scene)} --scene)")
+
+
+def photo_scene_name(folder) -> str:
+    return Path(folder).resolve().name
+
+
+def sfm_root(args) -> Path:
+    """Where --format photos keeps its reconstructions (one subfolder per scene)."""
+    return Path(args.sfm_dir) if args.sfm_dir else Path(args.out).parent / f"{Path(args.out).stem}_sfm"
+
+
+def photo_scenes(args) -> tuple[list, dict]:
+    """SfM on every --scene photo folder (data_prep.sfm), then the undistorted models as scenes."""
+    from data_prep.scenes import read_colmap_scene
+    from data_prep.sfm import format_sfm_stats, reconstruct_photos, undistorted_model
+
+    scenes, stats = [], {}
+    for folder in args.scene:
+        name = photo_scene_name(folder)
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"photo folder not found: {folder}")
+        st = reconstruct_photos(folder, sfm_root(args) / name, seed=args.seed, max_num_features=args.max_features,
+                                overwrite=args.overwrite)
+        print(format_sfm_stats(name, st), flush=True)
+        model, images = undistorted_model(st["sfm_dir"])
+        scenes.append(read_colmap_scene(model, images, name=name))
+        stats[name] = {k: v for k, v in st.items() if k not in ("registered", "unregistered")}
+    return scenes, stats
 
 
 def run(args) -> int:
@@ -141,8 +183,13 @@ def run(args) -> int:
 
     from data_prep.scenes import read_scene
 
-    images = args.images or [None] * len(args.scene)
-    scenes = [read_scene(args.format, s, image_dir=img) for s, img in zip(args.scene, images)]
+    extra_settings = None
+    if args.format == "photos":
+        scenes, sfm_stats = photo_scenes(args)
+        extra_settings = {"format": "photos", "sfm": sfm_stats, "sfm_dir": str(sfm_root(args))}
+    else:
+        images = args.images or [None] * len(args.scene)
+        scenes = [read_scene(args.format, s, image_dir=img) for s, img in zip(args.scene, images)]
     cfg = BuildConfig(
         num_kp=args.num_kp,
         contrast_threshold=args.contrast_threshold,
@@ -157,7 +204,10 @@ def run(args) -> int:
         shard=args.shard,
         cache_dir=args.cache_dir,
     )
-    summary = build_dataset(scenes, args.out, cfg, val_out=args.val_out, progress=not args.no_progress)
+    summary = build_dataset(scenes, args.out, cfg, val_out=args.val_out, progress=not args.no_progress,
+                            extra_settings=extra_settings)
+    if extra_settings:
+        summary["sfm"] = extra_settings["sfm"]
     print(format_summary(summary))
     if args.summary_json:
         Path(args.summary_json).write_text(summary_json(summary))
