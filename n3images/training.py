@@ -365,7 +365,10 @@ def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
 
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # the N3 blocks' DistanceNorm shift cancels in the softmax and never gets a gradient, which
+        # DDP refuses unless told to look for unused parameters
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                        find_unused_parameters=True)
     n_params = sum(p.numel() for p in model.parameters())
     progress = rank == 0 and not args.no_progress
     if rank == 0:
