@@ -38,13 +38,11 @@ __all__ = [
 
 
 def _correspondence_model(name: str, pretrained: bool, map_location) -> torch.nn.Module:
-    from n3sets.pretrained import _class_for, load_model, read_weight_file
+    from n3sets.pretrained import build_model, load_model, read_weight_file
 
     if pretrained:
         return load_model(name, map_location=map_location)
-    payload = read_weight_file(name, map_location="cpu")
-    model = _class_for(payload, payload["path"])(payload["conf"])
-    model.meta = {}
+    model = build_model(read_weight_file(name, map_location="cpu"), pretrained=False)
     return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
 
 
