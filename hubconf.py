@@ -1,11 +1,5 @@
 """torch.hub entry points: the shipped models of this repository by name.
 
-    from typing import TYPE_CHECKING
-
-import torch
-
-if TYPE_CHECKING:
-    from n3sets.match_filter import MatchFilter
     model = torch.hub.load("/path/to/checkout", "n3net_strecha", source="local")
     mf = torch.hub.load("/path/to/checkout", "match_filter", source="local", name="cnnet-strecha")
     torch.hub.list("/path/to/checkout", source="local")
@@ -18,7 +12,12 @@ returns a ready :class:`n3sets.MatchFilter`. Keyword arguments are passed throug
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # annotations only: hub entries import n3sets when called
+    from n3sets.match_filter import MatchFilter
 
 # checked by torch.hub before any entry runs (module names as imported)
 dependencies = ["torch", "torch_geometric", "numpy", "scipy", "cv2"]

@@ -1,6 +1,5 @@
 """n3sets.pretrained: one loader for weight files and trainer checkpoints, one registry of model classes."""
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from n3images.io import write_image
 from n3sets import MatchFilter
 from n3sets.models import CNNet, N3Net
 from n3sets.pretrained import (build_model, load_model, model_class, model_classes, read_checkpoint,
-                               read_weight_file, register_model_class, save_model)
+                               read_weight_file, register_model_class)
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
