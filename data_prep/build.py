@@ -1,7 +1,7 @@
 """Building correspondence datasets: pair selection, SIFT matching, labels, h5 writing.
 
-The command-line front end is ``data_prep/build_corr_dataset.py``; everything it does is here so
-tests can call it.
+The command-line front end is ``pipelines/build_corr_dataset.py`` (``data_prep/build_corr_dataset.py``
+is an alias of it); everything it does is here so tests can call it.
 
 Pair selection (per scene, deterministic for a given ``seed``)
 ---------------------------------------------------------------

@@ -207,7 +207,7 @@ def check_file(h5: h5py.File, path=None, values: bool = True) -> list[str]:
     version = h5.attrs.get("schema_version")
     if version is None:
         raise ValueError(f"{path}: not a correspondence dataset of this project (no 'schema_version' attribute; "
-                         "such files are written by data_prep/build_corr_dataset.py)")
+                         "such files are written by pipelines/build_corr_dataset.py)")
     try:
         version = int(version)
     except (TypeError, ValueError):

@@ -3,21 +3,22 @@
 
 Examples::
 
-    python data_prep/build_corr_dataset.py --format strecha \\
+    python pipelines/build_corr_dataset.py --format strecha \\
         --scene ../shared/data/strecha/castle-P30 --scene ../shared/data/strecha/Herz-Jesus-P25 \\
         --out data_out/strecha_train.h5 --val-out data_out/strecha_val.h5 --val-fraction 0.15 --workers 2
-    python data_prep/build_corr_dataset.py --format strecha --scene ../shared/data/strecha/entry-P10 \\
+    python pipelines/build_corr_dataset.py --format strecha --scene ../shared/data/strecha/entry-P10 \\
         --out data_out/strecha_test.h5
-    python data_prep/build_corr_dataset.py --format yi --scene raw_data/st_peters_square/train --out sp.h5
-    python data_prep/build_corr_dataset.py --format colmap --scene project/sparse/0 --images project/images --out c.h5
-    python data_prep/build_corr_dataset.py --format synthetic --num-pairs 200 --out synthetic.h5
-    python data_prep/build_corr_dataset.py --format oanet-dump --scene data_dump/yfcc-sift-2000-train.hdf5 --out yfcc_train.h5
-    python data_prep/build_corr_dataset.py --format cne-dump --scene dump/st_peters/numkp-2000/nn-1/nocrop/tr-10000 --out sp.h5
-    python data_prep/build_corr_dataset.py --format photos --scene ../shared/data/photos/sceaux-castle --out data_out/sceaux.h5
-    python data_prep/build_corr_dataset.py --merge a.h5 b.h5 --out all.h5      # combine --shard outputs
+    python pipelines/build_corr_dataset.py --format yi --scene raw_data/st_peters_square/train --out sp.h5
+    python pipelines/build_corr_dataset.py --format colmap --scene project/sparse/0 --images project/images --out c.h5
+    python pipelines/build_corr_dataset.py --format synthetic --num-pairs 200 --out synthetic.h5
+    python pipelines/build_corr_dataset.py --format oanet-dump --scene data_dump/yfcc-sift-2000-train.hdf5 --out yfcc_train.h5
+    python pipelines/build_corr_dataset.py --format cne-dump --scene dump/st_peters/numkp-2000/nn-1/nocrop/tr-10000 --out sp.h5
+    python pipelines/build_corr_dataset.py --format photos --scene ../shared/data/photos/sceaux-castle --out data_out/sceaux.h5
+    python pipelines/build_corr_dataset.py --merge a.h5 b.h5 --out all.h5      # combine --shard outputs
 
 Pair selection, labels and the file layout are described in ``data_prep/build.py`` and
-``data_prep/h5io.py`` (and the README).
+``data_prep/h5io.py`` (and ``data_prep/README.md``); this program only parses arguments, checks
+the outputs and calls them. ``python data_prep/build_corr_dataset.py`` is an alias of it.
 """
 from __future__ import annotations
 
@@ -25,14 +26,10 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a script (python data_prep/build_corr_dataset.py): make the repo root importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_prep.build import BuildConfig, build_dataset, format_summary, merge_h5, summary_json  # noqa: E402
-from data_prep.features import DEFAULT_CONTRAST_THRESHOLD, DEFAULT_NUM_KP  # noqa: E402
-from data_prep.labels import DEFAULT_THRESHOLD  # noqa: E402
-from n3sets.cli import UsageError, check_writable_folder, one_line  # noqa: E402
+from data_prep.build import BuildConfig, build_dataset, format_summary, merge_h5, summary_json
+from data_prep.features import DEFAULT_CONTRAST_THRESHOLD, DEFAULT_NUM_KP
+from data_prep.labels import DEFAULT_THRESHOLD
+from n3sets.cli import UsageError, check_writable_folder, one_line
 
 PROGRAM = "build_corr_dataset.py"
 FORMATS = ["strecha", "yi", "colmap", "synthetic", "oanet-dump", "cne-dump", "photos"]

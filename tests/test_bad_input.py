@@ -287,7 +287,7 @@ def test_programs_refuse_bad_input_on_one_line(files, tmp_path):
         (["pipelines/diagnose_corr.py", "--data", files / "good.h5", "--weights", files / "good.h5"],
          ["--weights", "HDF5"]),
         (["pipelines/filter_matches.py", "a.jpg", "b.jpg", "--focal", "0", "--out", tmp_path / "fm"], ["--focal 0"]),
-        (["data_prep/build_corr_dataset.py", "--format", "synthetic", "--num-pairs", "2", "--num-kp", "20",
+        (["pipelines/build_corr_dataset.py", "--format", "synthetic", "--num-pairs", "2", "--num-kp", "20",
           "--out", files / "good.h5"], ["good.h5 exists", "--overwrite"]),
     ]
     for (script, *args), words in cases:

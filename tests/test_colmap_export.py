@@ -179,7 +179,7 @@ def test_cli_no_filter(exported, entry):
     for n in NAMES[:2]:
         (tiny / n).symlink_to(image_dir / n)
     K = entry.K[0]
-    cmd = [sys.executable, str(ROOT / "data_prep" / "colmap_export.py"), "--images", str(tiny), "--database",
+    cmd = [sys.executable, str(ROOT / "pipelines" / "colmap_export.py"), "--images", str(tiny), "--database",
            str(out / "cli.db"), "--no-filter", "--num-kp", "200", "--K", f"{K[0, 0]},{K[1, 1]},{K[0, 2]},{K[1, 2]}",
            "--pairs", "sequential:1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

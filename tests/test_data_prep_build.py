@@ -157,7 +157,7 @@ def test_cli_script_with_workers_and_shards(small_scene_dir, cache_dir, tmp_path
     scene = read_strecha_scene(small_scene_dir)
     reference = tmp_path / "ref.h5"
     build_dataset([scene], reference, _cfg(cache_dir, max_angle_deg=45), progress=False)
-    common = [sys.executable, str(ROOT / "data_prep" / "build_corr_dataset.py"), "--format", "strecha",
+    common = [sys.executable, str(ROOT / "pipelines" / "build_corr_dataset.py"), "--format", "strecha",
               "--scene", str(small_scene_dir), "--num-kp", str(NUM_KP), "--max-angle", "45",
               "--cache-dir", str(cache_dir), "--no-progress"]
     res = subprocess.run(common + ["--out", str(tmp_path / "cli.h5"), "--workers", "2"], capture_output=True, text=True, cwd=tmp_path)
@@ -238,7 +238,7 @@ def test_cli_bad_camera_and_corrupt_cache(small_scene_dir, cache_dir, tmp_path):
     camera = scene / "cameras" / "0002.jpg.camera"
     numbers = camera.read_text().split()
     camera.write_text(" ".join(["nan"] + numbers[1:]) + "\n")
-    cmd = [sys.executable, str(ROOT / "data_prep" / "build_corr_dataset.py"), "--format", "strecha", "--scene",
+    cmd = [sys.executable, str(ROOT / "pipelines" / "build_corr_dataset.py"), "--format", "strecha", "--scene",
            str(scene), "--num-kp", str(NUM_KP), "--max-angle", "45", "--no-progress"]
     res = subprocess.run(cmd + ["--out", str(tmp_path / "nan.h5"), "--cache-dir", str(cache_dir)],
                          capture_output=True, text=True)

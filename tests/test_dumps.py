@@ -11,10 +11,25 @@ import h5py
 import numpy as np
 import pytest
 
-from data_prep.build_corr_dataset import main as build_main
 from data_prep.corr_dataset import CorrespondenceDataset
 from data_prep.dumps import convert_dumps, read_cne_dump, read_oanet_dump
 from data_prep.h5io import open_pairs, pair_keys, read_pair, read_settings
+
+
+def _program_main(name):
+    """``main`` of ``pipelines/NAME.py`` (the programs are files, not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"pipelines_{name}", Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.main
+
+
+build_main = _program_main("build_corr_dataset")
 
 
 def _skew(t):

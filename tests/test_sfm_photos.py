@@ -10,7 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.build_corr_dataset import main as build_main
+
+def _program_main(name):
+    """``main`` of ``pipelines/NAME.py`` (the programs are files, not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"pipelines_{name}", Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.main
+
+
+build_main = _program_main("build_corr_dataset")
+
 
 pytestmark = [pytest.mark.data, pytest.mark.slow]
 
