@@ -1,7 +1,7 @@
 """Relative-pose evaluation of correspondence filters (Yi et al. 2018 protocol).
 
 :func:`evaluate_correspondences` runs every method on every pair and returns the metrics that
-``pipelines/eval_corr.py`` prints and writes as JSON. Methods (names as in architecture.md):
+``pipelines/eval_corr.py`` prints and writes as JSON. Methods (names as in docs/architecture.md, Conventions):
 
 - ``ransac``, ``magsac``: OpenCV RANSAC / MAGSAC++ on all putative matches.
 - ``ratio+ransac``, ``ratio+magsac``: Lowe's ratio test, then the estimator on the survivors.

@@ -3,7 +3,7 @@
 A :class:`MatchFilter` wraps a pretrained correspondence classifier (CNNet or N3Net). Given the
 pixel keypoints of putative matches between two images and the two intrinsic matrices it
 returns, per match, the inlier probability and an inlier mask, and for the pair an essential
-matrix with the relative pose (``x2 = R x1 + t``, ``E = [t]_x R``; architecture.md).
+matrix with the relative pose (``x2 = R x1 + t``, ``E = [t]_x R``; docs/architecture.md, Conventions).
 
     >>> mf = MatchFilter.from_pretrained("n3net-strecha")
     >>> res = mf.filter(kpts1, kpts2, K1, K2)          # (N, 2) pixels, (3, 3) intrinsics
@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .robust import ArrayLike
 from .training import resolve_device
 
 from .twoview import (MIN_MATCHES, VERIFY_DEFAULTS, degenerate, distinct_matches, pose_from_logits,
@@ -190,7 +191,7 @@ class MatchFilter:
         **VERIFY_DEFAULTS,
     }
 
-    def __init__(self, model: torch.nn.Module, device="cpu", **conf):
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", **conf: object):
         unknown = set(conf) - set(self.default_conf)
         if unknown:
             raise ValueError(f"unknown MatchFilter option(s) {sorted(unknown)}; known: {sorted(self.default_conf)}")
@@ -200,8 +201,9 @@ class MatchFilter:
         self.name = getattr(model, "name", type(model).__name__)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = "n3net-strecha", device="cpu", **conf) -> "MatchFilter":
-        """Load a shipped model by name (``"n3net-strecha"``, ``"cnnet-strecha"``) or a weight file path."""
+    def from_pretrained(cls, name_or_path: str | Path = "n3net-strecha", device: str | torch.device = "cpu", **conf: object) -> "MatchFilter":
+        """Load a shipped model by name (``"n3net-strecha"``, ``"cnnet-strecha"``), a weight file or a
+        trainer checkpoint (``OUT/best.pt`` of ``pipelines/train_corr.py``), see :func:`n3sets.pretrained.load_model`."""
         from .pretrained import load_model
 
         model = load_model(name_or_path, map_location="cpu")
@@ -219,8 +221,9 @@ class MatchFilter:
 
     # ------------------------------------------------------------------ public API
 
-    def filter(self, kpts1, kpts2, K1, K2, threshold: float | None = None, refine: str | None = "ransac",
-               ratio=None, mutual=None) -> FilterResult:
+    def filter(self, kpts1: ArrayLike, kpts2: ArrayLike, K1: ArrayLike, K2: ArrayLike, threshold: float | None = None,
+               refine: str | None = "ransac", ratio: ArrayLike | None = None,
+               mutual: ArrayLike | None = None) -> FilterResult:
         """Classify the putative matches of one pair and estimate its relative pose.
 
         Args:

@@ -1,7 +1,7 @@
 """Evaluation metrics for correspondence classification.
 
-Pose accuracy follows Yi et al. (2018), also used by OANet (architecture.md): per pair the error
-is ``max(rotation angle, translation angle)`` in degrees; the accuracy at a threshold is the
+Pose accuracy follows Yi et al. (2018), also used by OANet (docs/architecture.md, Conventions):
+per pair the error is ``max(rotation angle, translation angle)`` in degrees; the accuracy at a threshold is the
 fraction of pairs whose error is below it; mAP@T is the mean of the accuracies at
 5, 10, ..., T degrees. Failed pairs (and NaN / inf errors) count as 180 degrees.
 """

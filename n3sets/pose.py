@@ -1,7 +1,7 @@
 """Relative pose from an essential matrix, and pose errors (batched, torch).
 
-Convention (architecture.md): points are normalized image coordinates, the pose maps camera 1
-to camera 2 as ``X2 = R X1 + t`` and ``E = [t]_x R``, so ``x2^T E x1 = 0``.
+Convention (docs/architecture.md, Conventions): points are normalized image coordinates, the
+pose maps camera 1 to camera 2 as ``X2 = R X1 + t`` and ``E = [t]_x R``, so ``x2^T E x1 = 0``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ __all__ = [
     "FAILED_POSE_ERROR",
 ]
 
-#: Error in degrees given to a pair whose estimation failed (architecture.md: failures count as 180).
+#: Error in degrees given to a pair whose estimation failed (docs/architecture.md, Conventions:
+#: failures count as 180).
 FAILED_POSE_ERROR = 180.0
 
 

@@ -4,10 +4,17 @@ OpenCV is imported lazily: the rest of n3sets needs only torch.
 """
 from __future__ import annotations
 
+from typing import Sequence, Union
+
 import numpy as np
 import torch
 
-__all__ = ["estimate_essential", "ROBUST_METHODS", "DEFAULT_THRESHOLDS", "DEFAULT_MAX_ITERS", "MIN_MATCHES"]
+__all__ = ["estimate_essential", "ROBUST_METHODS", "DEFAULT_THRESHOLDS", "DEFAULT_MAX_ITERS", "MIN_MATCHES",
+           "ArrayLike"]
+
+#: What the public two-view functions accept for points, keypoints and matrices: a NumPy array,
+#: a torch tensor (detached, moved to the CPU) or nested sequences of numbers; converted to float64.
+ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 
 #: Estimators accepted by :func:`estimate_essential`.
 ROBUST_METHODS = ("ransac", "magsac")
@@ -53,8 +60,8 @@ def _failure(n: int) -> dict:
 
 
 def estimate_essential(
-    x1n,
-    x2n,
+    x1n: ArrayLike,
+    x2n: ArrayLike,
     method: str = "ransac",
     threshold: float | None = None,
     confidence: float = 0.999,

@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME_OR_PATH",
                    help="shipped model names (see n3sets.pretrained.available_models) or weight files; "
                         "--weights a b and --weights a --weights b are the same")
-    p.add_argument("--json", help="write the results here (architecture.md contract)")
+    p.add_argument("--json", help="write the results here (docs/architecture.md, Contracts)")
     p.add_argument("--png", help="write the accuracy-vs-threshold plot here")
     p.add_argument("--ratio", type=float, default=0.8, help="Lowe's ratio threshold (default 0.8)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLDS["ransac"],
