@@ -10,7 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["UsageError", "one_line", "check_writable_folder", "load_weights_arg"]
+__all__ = ["UsageError", "one_line", "check_writable_folder", "load_weights_arg", "DEFAULT_THREADS",
+           "resolve_threads", "add_threads_argument"]
 
 
 class UsageError(ValueError):
@@ -76,3 +77,50 @@ def load_weights_arg(spec, option: str = "--weights", map_location="cpu"):
                          "n3sets.pretrained.save_model (train_corr.py --export)") from None
     except Exception as exc:  # noqa: BLE001 -- e.g. weights that do not fit the model class of the file
         raise UsageError(f"{option} {spec}: cannot load the model from {path}: {type(exc).__name__}: {one_line(exc)}") from None
+
+
+#: torch CPU threads when none are asked for. Not torch's default (one per core): on a machine
+#: whose cores are shared, every OpenMP parallel region waits for its slowest thread, and a thread
+#: whose core another process holds is the slowest by a scheduler time slice. Measured on 2 cores
+#: with one busy process: N3Net forward 4.7 s with 2 threads, 0.19 s with 1 (README, "CPU threads").
+DEFAULT_THREADS = 1
+
+
+def resolve_threads(threads: int | None = None) -> int:
+    """The torch CPU thread count to use: ``threads`` itself (>= 1), or :data:`DEFAULT_THREADS` for None.
+
+    Per process: under ``torchrun`` every process gets this many. ValueError for ``threads`` < 1.
+    """
+    if threads is None:
+        return DEFAULT_THREADS
+    if isinstance(threads, bool) or int(threads) != threads or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1 (or None for {DEFAULT_THREADS}), got {threads!r}")
+    return int(threads)
+
+
+def _thread_count(text: str) -> int:
+    import argparse
+
+    try:
+        return resolve_threads(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+
+
+def add_threads_argument(parser, *, per_process: bool = False, thread_independent: bool = False):
+    """``--threads N`` with the same default and help in every program.
+
+    The rule itself is :func:`resolve_threads` (default :data:`DEFAULT_THREADS`, 1); a program
+    passes ``args.threads`` to :func:`n3sets.training.set_threads` (or ``dist_setup``). ``per_process``: a trainer that runs
+    under torchrun; ``thread_independent``: the program calls ``set_threads(...,
+    thread_independent=True)`` (oneDNN off), so its numbers do not depend on the thread count.
+    """
+    where = " per process (torchrun starts several)" if per_process else ""
+    same = ("results are identical for N=1 and N=2 (oneDNN off, MKL strict mode); with N>2 they may differ in "
+            "the last bits, which training amplifies"
+            if thread_independent else "results may differ in the last digits between thread counts")
+    return parser.add_argument(
+        "--threads", type=_thread_count, default=DEFAULT_THREADS, metavar="N",
+        help=f"torch CPU threads{where} (default %(default)s). More are faster only on cores that no other "
+             "process uses: each multi-threaded step waits for its slowest thread, so one busy core makes "
+             "N=2 up to 25x slower than N=1 (N3Net forward on 2 cores: 4.7 s vs 0.19 s); " + same)
