@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .robust import ArrayLike
-from .training import resolve_device
+from .training import resolve_device, resolve_threads, torch_threads
 
 from .twoview import (MIN_MATCHES, VERIFY_DEFAULTS, degenerate, distinct_matches, pose_from_logits,
                       rotation_inliers, sampson_distance, verify_two_view)
@@ -168,6 +168,14 @@ class MatchFilter:
             and mutual side information.
         device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, ... or ``"auto"`` (CUDA when
             available). Requesting CUDA without it raises ``ValueError``.
+        threads: torch CPU threads while :meth:`filter` / :meth:`filter_batch` run (None: 1,
+            :func:`n3sets.cli.resolve_threads`); the caller's setting is restored after each call.
+            Not torch's default of one per core: on shared cores multi-threaded steps wait for
+            the busiest core (20000 matches: 11 s with 1 thread, 132 s with 2 on 2 cores with
+            one busy process). Results are identical for 1 and 2 threads (oneDNN off during the
+            calls, MKL's strict mode: :func:`n3sets.training.set_threads`) when the filter is the
+            first user of torch's matrix products in the process, or Python was started with
+            ``MKL_CBWR=AUTO,STRICT``; otherwise they may differ in the last bits.
         **conf: overrides of :attr:`default_conf`.
     """
 
@@ -191,23 +199,26 @@ class MatchFilter:
         **VERIFY_DEFAULTS,
     }
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", **conf: object):
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", threads: int | None = None,
+                 **conf: object):
         unknown = set(conf) - set(self.default_conf)
         if unknown:
             raise ValueError(f"unknown MatchFilter option(s) {sorted(unknown)}; known: {sorted(self.default_conf)}")
         self.conf = {**self.default_conf, **conf}
         self.device = resolve_device(device)
+        self.threads = resolve_threads(threads)
         self.model = model.to(self.device).eval()
         self.name = getattr(model, "name", type(model).__name__)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = "n3net-strecha", device: str | torch.device = "cpu", **conf: object) -> "MatchFilter":
+    def from_pretrained(cls, name_or_path: str | Path = "n3net-strecha", device: str | torch.device = "cpu",
+                        threads: int | None = None, **conf: object) -> "MatchFilter":
         """Load a shipped model by name (``"n3net-strecha"``, ``"cnnet-strecha"``), a weight file or a
         trainer checkpoint (``OUT/best.pt`` of ``pipelines/train_corr.py``), see :func:`n3sets.pretrained.load_model`."""
         from .pretrained import load_model
 
         model = load_model(name_or_path, map_location="cpu")
-        mf = cls(model, device=device, **conf)
+        mf = cls(model, device=device, threads=threads, **conf)
         mf.name = Path(str(name_or_path)).stem if str(name_or_path).endswith(".pt") else str(name_or_path)
         return mf
 
@@ -217,7 +228,7 @@ class MatchFilter:
         return bool(getattr(self.model, "conf", {}).get("side_info", False))
 
     def __repr__(self) -> str:
-        return f"MatchFilter(model={self.name!r}, side_info={self.side_info}, device={str(self.device)!r}, conf={self.conf})"
+        return f"MatchFilter(model={self.name!r}, side_info={self.side_info}, device={str(self.device)!r}, threads={self.threads}, conf={self.conf})"
 
     # ------------------------------------------------------------------ public API
 
@@ -290,8 +301,9 @@ class MatchFilter:
                 m = _check_side(mutual[i], f"mutual{tag}", n)
             pairs.append((x1, x2, k1, k2, r, m))
 
-        logits = self._logits(pairs)
-        return [self._estimate(p, lg, threshold, refine) for p, lg in zip(pairs, logits)]
+        with torch_threads(self.threads, thread_independent=True):
+            logits = self._logits(pairs)
+            return [self._estimate(p, lg, threshold, refine) for p, lg in zip(pairs, logits)]
 
     # ------------------------------------------------------------------ internals
 

@@ -24,15 +24,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 from n3images import programs
 from n3images.inference import DEFAULT_TILE, denoise_image
 from n3images.io import image_bit_depth, read_image, write_image
 from n3images.programs import WRITE_SUFFIXES, check_output, pick_device
-from n3sets.cli import UsageError, one_line
+from n3sets.cli import UsageError, add_threads_argument, one_line
 from n3sets.pretrained import weights_name
+from n3sets.training import set_threads
 
 PROGRAM = "denoise.py"
 
@@ -48,14 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bits per sample of OUT (default: the input's for PNG/TIFF, 8 for JPEG)")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile side in pixels (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(p)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never IN)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     args = p.parse_args(argv)
     if args.tile < 1:
         p.error("--tile must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be >= 1")
     if args.sigma is not None and not (math.isfinite(args.sigma) and 0 <= args.sigma <= 255):
         p.error(f"--sigma {args.sigma:g}: must be in [0, 255] (0-255 scale)")
     return args
@@ -89,8 +87,7 @@ def load_image_model(spec: str):
 
 
 def run(args) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     inp, out = Path(args.input), Path(args.output)
     if not inp.exists():
         raise UsageError(f"IN {inp}: no such file")

@@ -30,12 +30,13 @@ from pathlib import Path
 
 import torch
 
-from n3sets.cli import UsageError, check_writable_folder, load_weights_arg, one_line
+from n3sets.cli import UsageError, add_threads_argument, check_writable_folder, load_weights_arg, one_line
 from n3sets.essential import logits_to_weights
 from n3sets.evaluation import eight_point_pose, model_logits
 from n3sets.metrics import mean_average_precision
 from n3sets.pose import FAILED_POSE_ERROR, pose_error
 from n3sets.pretrained import weights_name
+from n3sets.training import torch_threads
 
 PROGRAM = "diagnose_corr.py"
 
@@ -87,19 +88,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shipped model names or weight-file paths (--weights a b = --weights a --weights b)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--max-pairs", type=int, help="only the first N pairs")
-    p.add_argument("--threads", type=int, default=1)
+    add_threads_argument(p, thread_independent=True)
     args = p.parse_args(argv)
     if args.max_pairs is not None and args.max_pairs < 1:
         p.error("--max-pairs must be >= 1")
-    if args.threads < 1:
-        p.error("--threads must be >= 1")
     return args
 
 
 def run(args, argv=None) -> dict:
     from data_prep.corr_dataset import CorrespondenceDataset
 
-    torch.set_num_threads(args.threads)
     if args.json:
         if args.json.is_dir():
             raise UsageError(f"--json {args.json} is a folder; give a file name")
@@ -139,7 +137,9 @@ def run(args, argv=None) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
-        return run(args, argv)
+        # threads and oneDNN off for this run only: main() is also called in-process (tests, notebooks)
+        with torch_threads(args.threads, thread_independent=True):
+            return run(args, argv)
     except (UsageError, ValueError, FileNotFoundError, OSError) as exc:
         print(f"{PROGRAM}: error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(2) from None

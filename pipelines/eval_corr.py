@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from n3sets.cli import UsageError, check_writable_folder, load_weights_arg, one_line
+from n3sets.cli import UsageError, add_threads_argument, check_writable_folder, load_weights_arg, one_line
 from n3sets.evaluation import BASELINES, evaluate_correspondences
 from n3sets.robust import DEFAULT_MAX_ITERS, DEFAULT_THRESHOLDS
+from n3sets.training import torch_threads
 
 PROGRAM = "eval_corr.py"
 
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="OpenCV RNG seed (default 0)")
     p.add_argument("--max-iters", type=int, default=DEFAULT_MAX_ITERS,
                    help="RANSAC / MAGSAC++ iteration cap (default %(default)s; Yi et al. / OANet used 1000)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_threads_argument(p, thread_independent=True)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.max_pairs is not None and args.max_pairs < 1:
@@ -66,8 +67,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     for option in ("threshold", "magsac_threshold"):
         if not getattr(args, option) > 0:
             p.error(f"--{option.replace('_', '-')} must be > 0")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be >= 1")
     return args
 
 
@@ -179,8 +178,6 @@ def run(args, argv=None) -> dict:
 
     from n3sets.pretrained import weights_name
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     data = Path(args.data)
     for option in ("json", "png"):
         if getattr(args, option):
@@ -270,7 +267,9 @@ def run(args, argv=None) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
-        return run(args, argv)
+        # threads and oneDNN off for this run only: main() is also called in-process (tests, notebooks)
+        with torch_threads(args.threads, thread_independent=True):
+            return run(args, argv)
     except (UsageError, ValueError, FileNotFoundError, OSError) as exc:
         print(f"{PROGRAM}: error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -54,7 +54,8 @@ from n3images.metrics import psnr, ssim
 from n3images.noise import HETERO_EVAL_PAIRS, add_gaussian_noise, hetero_eval_noise, hetero_eval_target
 from n3images.programs import check_writable, dataset_names, format_table, pick_device, write_json
 from n3images.programs import image_file_names as _image_file_names
-from n3sets.cli import UsageError, one_line
+from n3sets.cli import UsageError, add_threads_argument, one_line
+from n3sets.training import set_threads
 
 PROGRAM = "eval_denoise.py"
 RESERVED = ("noisy", "clean", *BASELINES)
@@ -85,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-images", type=int, metavar="N", help="only the first N images (sorted order) of each folder")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="inference tile side in pixels (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
+    add_threads_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.noise == "hetero" and args.sigma is not None:
@@ -99,8 +100,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--max-images must be >= 1")
     if args.tile < 1:
         p.error("--tile must be >= 1")
-    if args.threads < 1:
-        p.error("--threads must be >= 1")
     args.baselines = list(dict.fromkeys(n for group in args.baselines for n in group))
     return args
 
@@ -217,7 +216,7 @@ def _model_notes(models_info: dict, args) -> None:
 
 
 def run(args, argv) -> dict:
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = pick_device(args.device)
     names = dataset_names(args.data)
     if args.json:

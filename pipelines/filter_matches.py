@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from n3sets.cli import UsageError, check_writable_folder, load_weights_arg, one_line
+from n3sets.cli import UsageError, add_threads_argument, check_writable_folder, load_weights_arg, one_line
 
 PROGRAM = "filter_matches.py"
 log = logging.getLogger("filter_matches")
@@ -200,7 +200,7 @@ def run(args) -> dict:
     # The model first: a wrong --weights fails before any image work.
     model, _ = load_weights_arg(args.weights)
     try:
-        mf = MatchFilter(model, device=args.device)
+        mf = MatchFilter(model, device=args.device, threads=args.threads)
     except ValueError as exc:
         raise UsageError(f"--device {args.device}: {one_line(exc)}") from None
     paths = [Path(args.image1), Path(args.image2)]
@@ -284,6 +284,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-refine", action="store_true", help="weighted eight-point on the network weights, no RANSAC")
     parser.add_argument("--threshold", type=float, default=0.5, help="inlier probability threshold (default 0.5)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    add_threads_argument(parser, thread_independent=True)
     parser.add_argument("--max-lines", type=int, default=MAX_LINES, help="most match lines drawn per colour")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

@@ -46,8 +46,8 @@ from n3sets.pretrained import WEIGHTS_DIR, save_model  # noqa: E402
 from n3sets.training import (all_reduce_sums, atomic_torch_save, barrier, check_out_dir,  # noqa: E402
                              command_line, dist_setup, dist_teardown, export_target, gather_lists,
                              load_checkpoint, progress_bar, rng_state, save_figure_atomic, scheduled_lr,
-                             seed_all, set_rng_state, write_logs)
-from n3sets.cli import UsageError, check_writable_folder, one_line  # noqa: E402
+                             seed_all, set_rng_state, torch_threads, write_logs)
+from n3sets.cli import UsageError, add_threads_argument, check_writable_folder, one_line  # noqa: E402
 
 PROGRAM = "train_corr.py"
 
@@ -111,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "default -1 (120 for the synthetic default)")
     p.add_argument("--essential-weight", type=float, default=0.1)
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads per process (default: cores / processes)")
+    add_threads_argument(p, per_process=True, thread_independent=True)
     # architecture (defaults are the paper's: 12 blocks, 128 channels, N3 block after the sixth)
     p.add_argument("--channels", type=int)
     p.add_argument("--blocks", type=int)
@@ -426,7 +426,9 @@ def open_manifest_sets_args(args, train_kw: dict):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
-        return run(args, argv)
+        # threads and oneDNN off for this run only: main() is also called in-process (tests, notebooks)
+        with torch_threads(args.threads, thread_independent=True):
+            return run(args, argv)
     except SystemExit as exc:  # n3sets.training's checks (existing run, unreadable checkpoint) exit with a message
         if not isinstance(exc.code, str):
             raise
@@ -438,7 +440,7 @@ def main(argv=None) -> dict:
 
 
 def run(args, argv=None) -> dict:
-    rank, world = dist_setup(args.threads)
+    rank, world = dist_setup(args.threads, thread_independent=True)  # the demo's numbers do not depend on --threads
     command = command_line("pipelines/train_corr.py", argv, world)
     out: Path = args.out
     # the embedded default is a demo that may be rerun freely; a real run is never replaced silently
