@@ -274,10 +274,12 @@ def model_task(model: nn.Module) -> str | None:
 
 
 def _register():
+    """Every image model in the one registry of n3sets.pretrained, with its task and --model name."""
     from n3sets.pretrained import register_model_class
 
-    for cls in IMAGE_MODEL_CLASSES:
-        register_model_class(cls)
+    for task, classes in (("denoising", DENOISERS), ("super-resolution", SR_MODELS)):
+        for program_name, cls in classes.items():
+            register_model_class(cls, task=task, program_name=program_name)
 
 
 _register()

@@ -54,7 +54,6 @@ _TASK_MODULES = {"correspondence": "n3sets.models", "denoising": "n3images.model
                  "super-resolution": "n3images.models"}
 # n3images.models registers its classes without a task; until it passes task=, its --model
 # dicts of that module name them (bridge read by _ensure_task)
-_LEGACY_TASK_DICTS = {"denoising": "DENOISERS", "super-resolution": "SR_MODELS"}
 MODEL_CLASSES = ("CNNet", "N3Net")  # the classes of this package (kept for older callers)
 
 
@@ -108,11 +107,7 @@ def _ensure_task(task: str) -> dict[str, str]:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     _model_classes()
     if not _TASK_NAMES.get(task):
-        module = importlib.import_module(_TASK_MODULES[task])
-        legacy = getattr(module, _LEGACY_TASK_DICTS.get(task, ""), None)
-        if not _TASK_NAMES.get(task) and isinstance(legacy, dict):
-            for program_name, cls in legacy.items():
-                register_model_class(cls, task=task, program_name=program_name)
+        importlib.import_module(_TASK_MODULES[task])  # its classes register themselves on import
     return _TASK_NAMES.get(task, {})
 
 
