@@ -47,7 +47,7 @@ from .h5io import atomic_h5, open_pairs, pair_key, pair_keys, read_pair, read_se
 from .labels import DEFAULT_THRESHOLD, label_matches, pair_relative_pose
 from .scenes import Scene
 
-MIN_MATCHES = 8  # the eight-point algorithm needs eight correspondences
+from n3sets.twoview import MIN_MATCHES  # noqa: E402  (the one minimum of every estimator: 8 matches)
 
 
 @dataclass
