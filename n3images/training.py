@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from n3sets.cli import add_threads_argument
 from n3sets.models import merge_conf
 from n3sets.pretrained import save_model
 from n3sets.training import (all_reduce_sums, atomic_torch_save, barrier, check_out_dir, command_line, dist_setup,
@@ -118,7 +119,7 @@ def add_common_arguments(p: argparse.ArgumentParser, models: dict, *, default_mo
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if OUT already holds a run")
-    p.add_argument("--threads", type=int, help="torch CPU threads per process (default: cores / processes)")
+    add_threads_argument(p, per_process=True)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--depth", type=int, help="layers per stage (default: the model's)")

@@ -48,7 +48,8 @@ from n3images.io import write_image
 from n3images.metrics import modcrop, rgb_to_ycbcr, ycbcr_to_rgb
 from n3images.sr import bicubic_up, degrade, downscale, from_luma, sr_scores, super_resolve, to_luma
 from n3images.programs import check_writable, dataset_names, format_table, pick_device, write_json
-from n3sets.cli import UsageError, one_line
+from n3sets.cli import UsageError, add_threads_argument, one_line
+from n3sets.training import set_threads
 
 PROGRAM = "eval_sr.py"
 RESERVED = ("bicubic", "hr", "clean")
@@ -70,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-images", type=int, metavar="N", help="only the first N images (sorted order) of each folder")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="inference tile side in pixels (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
+    add_threads_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     bad = [s for s in args.scale if s < 2]
@@ -81,8 +82,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--max-images must be >= 1")
     if args.tile < 1:
         p.error("--tile must be >= 1")
-    if args.threads < 1:
-        p.error("--threads must be >= 1")
     return args
 
 
@@ -154,7 +153,7 @@ def _save(save_dir: Path, file_name: str, img: np.ndarray, scale: int, outputs: 
 
 
 def run(args, argv) -> dict:
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = pick_device(args.device)
     names = dataset_names(args.data)
     if args.json:

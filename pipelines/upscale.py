@@ -23,14 +23,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from n3images import programs
 from n3images.inference import DEFAULT_TILE
 from n3images.io import image_bit_depth, read_image, write_image
 from n3images.programs import WRITE_SUFFIXES, check_output, pick_device
 from n3images.sr import upscale_image
-from n3sets.cli import UsageError, one_line
+from n3sets.cli import UsageError, add_threads_argument, one_line
+from n3sets.training import set_threads
 from n3sets.pretrained import weights_name
 
 PROGRAM = "upscale.py"
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bits per sample of OUT (default: the input's for PNG/TIFF, 8 for JPEG)")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile side in output pixels (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(p)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never IN)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     args = p.parse_args(argv)
@@ -56,8 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--scale {args.scale}: must be an integer >= 2")
     if args.tile < 1:
         p.error("--tile must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be >= 1")
     return args
 
 
@@ -71,8 +69,7 @@ def scale_note(name: str, meta: dict, scale: int) -> str | None:
 
 
 def run(args) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     inp, out = Path(args.input), Path(args.output)
     if not inp.exists():
         raise UsageError(f"IN {inp}: no such file")

@@ -16,13 +16,11 @@ from n3sets.training import set_threads, torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ["train_corr.py", "eval_corr.py", "diagnose_corr.py", "filter_matches.py", "train_denoise.py",
-            "eval_denoise.py", "denoise.py"]
+            "eval_denoise.py", "denoise.py", "train_sr.py", "eval_sr.py", "upscale.py"]
 # the correspondence programs turn oneDNN off, so their numbers do not depend on --threads
 THREAD_INDEPENDENT = {"train_corr.py", "eval_corr.py", "diagnose_corr.py", "filter_matches.py"}
-# --threads is defined in n3images/training.py (add_common_arguments) with its old help, "default: cores /
-# processes"; the default itself is already 1 (n3sets.training.dist_setup). The fix there:
-# add_threads_argument(p, per_process=True) from n3sets.cli.
-STALE_HELP = {"train_denoise.py"}
+# programs whose --threads help is not (yet) the shared one; none now
+STALE_HELP: set = set()
 
 
 @pytest.fixture(autouse=True)
