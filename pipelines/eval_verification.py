@@ -55,8 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default="out/feature_cache", help="SIFT feature cache (default %(default)s)")
     p.add_argument("--verify-conf", default="{}", help="JSON overrides of n3sets.twoview.VERIFY_DEFAULTS for the summary")
     p.add_argument("--choose", action="store_true", help="also search min_inliers / min_inlier_ratio (see above)")
-    p.add_argument("--rescore", metavar="JSON", help="re-apply --verify-conf to the pairs of an earlier output "
-                                                      "instead of matching again (its settings are kept)")
+    p.add_argument("--rescore", metavar="JSON", nargs="+", help="re-apply --verify-conf to the pairs of earlier "
+                   "outputs (several: the shards of one run, merged) instead of matching again")
+    p.add_argument("--shard", default="0/1", metavar="K/N", help="run only every N-th pair starting at K (default 0/1); "
+                   "merge the shards' outputs with --rescore")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
     p.add_argument("--json", required=True, help="output file (refuses to overwrite unless --overwrite)")
@@ -68,6 +70,13 @@ def parse_args(argv=None):
         p.error("--negatives needs at least two scene folders (a negative pair takes one image from each of two)")
     if args.max_negatives < 0 or args.identical < 0 or args.threads < 1 or args.num_kp < 8:
         p.error("--max-negatives and --identical must be >= 0, --threads >= 1, --num-kp >= 8")
+    try:
+        k, n = (int(v) for v in args.shard.split("/"))
+        if not 0 <= k < n:
+            raise ValueError
+        args.shard = (k, n)
+    except ValueError:
+        p.error(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}")
     try:
         args.verify_conf = json.loads(args.verify_conf)
         if not isinstance(args.verify_conf, dict):
@@ -135,7 +144,7 @@ def _record(kind: str, name: str, res, x1n, x2n, conf: dict, extra: dict | None 
     return rec
 
 
-def run_positives(mf, h5_paths: list[str], refine, conf: dict) -> list[dict]:
+def run_positives(mf, h5_paths: list[str], refine, conf: dict, shard=(0, 1)) -> list[dict]:
     from data_prep.corr_dataset import CorrespondenceDataset
     from n3sets.pose import pose_error
 
@@ -143,7 +152,7 @@ def run_positives(mf, h5_paths: list[str], refine, conf: dict) -> list[dict]:
     eye = np.eye(3)
     for h5 in h5_paths:
         ds = CorrespondenceDataset(h5, side_info=mf.side_info)
-        for i in range(len(ds)):
+        for i in range(shard[0], len(ds), shard[1]):
             pair = ds[i]
             xs = np.asarray(pair["xs"], dtype=np.float64)
             side = {}
@@ -245,11 +254,13 @@ def main(argv=None) -> int:
         raise UsageError(f"--verify-conf: unknown option(s) {sorted(unknown)}; known: {sorted(VERIFY_DEFAULTS)}")
     conf = {**VERIFY_DEFAULTS, **args.verify_conf}
     if args.rescore:
-        try:
-            old = json.loads(Path(args.rescore).read_text())
-            rows = old["pairs"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"--rescore {args.rescore}: not an output of {PROGRAM} ({one_line(exc)})") from None
+        rows = []
+        for path in args.rescore:
+            try:
+                old = json.loads(Path(path).read_text())
+                rows += old["pairs"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise UsageError(f"--rescore {path}: not an output of {PROGRAM} ({one_line(exc)})") from None
         from n3sets.twoview import check_stats, degenerate
 
         for rec in rows:  # the reason under the new thresholds
@@ -259,7 +270,7 @@ def main(argv=None) -> int:
             elif "rotation_inliers" in rec:
                 rec["reason"] = degenerate({"rotation_inliers": rec["rotation_inliers"], "num_inliers": 0}, conf) \
                     or rec.get("estimator_reason", rec["reason"])
-        result = {"settings": {**old["settings"], "verify_conf": conf, "rescored_from": args.rescore,
+        result = {"settings": {**old["settings"], "verify_conf": conf, "rescored_from": args.rescore, "shard": "0/1",
                                "command": " ".join(sys.argv)},
                   "summary": summarize(rows, conf), "seconds": old.get("seconds"), "pairs": rows}
         if args.choose:
@@ -272,19 +283,22 @@ def main(argv=None) -> int:
     refine = None if args.refine == "none" else args.refine
     folders = [Path(f) for f in args.negatives]
     start = time.perf_counter()
-    rows = run_positives(mf, args.positives, refine, conf)
+    k, n = args.shard
+    rows = run_positives(mf, args.positives, refine, conf, args.shard)
     if folders:
         cache = FeatureCache(args.cache_dir, num_kp=args.num_kp)
-        rows += run_images(mf, negative_pairs(folders, args.max_negatives, args.seed), folders, cache, refine, "negative", conf)
+        rows += run_images(mf, negative_pairs(folders, args.max_negatives, args.seed)[k::n], folders, cache, refine,
+                           "negative", conf)
         if args.identical:
             images = [(i, p) for i, f in enumerate(folders) for p in scene_images(f)[0]]
             pick = np.random.default_rng(args.seed + 1).permutation(len(images))[: args.identical]
             same = [(images[j][0], images[j][1], images[j][0], images[j][1]) for j in sorted(pick)]
-            rows += run_images(mf, same, folders, cache, refine, "identical", conf)
+            rows += run_images(mf, same[k::n], folders, cache, refine, "identical", conf)
     result = {
         "settings": {"weights": args.weights, "refine": args.refine, "positives": args.positives,
                      "negatives": args.negatives, "max_negatives": args.max_negatives, "identical": args.identical,
-                     "num_kp": args.num_kp, "seed": args.seed, "verify_conf": conf, "command": " ".join(sys.argv)},
+                     "num_kp": args.num_kp, "seed": args.seed, "verify_conf": conf, "shard": f"{k}/{n}",
+                     "command": " ".join(sys.argv)},
         "summary": summarize(rows, conf),
         "seconds": time.perf_counter() - start,
         "pairs": rows,

@@ -191,3 +191,14 @@ def test_verification_stats_input_checks():
         verification_stats(x, x, np.ones(4, bool), np.eye(3), np.ones(3))
     ok, reason, stats = verify_two_view(x, x, np.zeros(5, bool), np.eye(3), np.ones(3))
     assert not ok and stats["num_inliers"] == 0
+
+
+def test_inliers_count_distinct_points_on_each_side():
+    # 40 keypoints of image 1 matched to 4 keypoints of image 2 ("hub" keypoints): whatever E
+    # RANSAC fits through them, they constrain it like 4 matches, and count as 4
+    rng = np.random.default_rng(0)
+    x1 = rng.uniform(-0.5, 0.5, size=(40, 2))
+    x2 = np.repeat(rng.uniform(-0.5, 0.5, size=(4, 2)), 10, axis=0)
+    stats = verification_stats(x1, x2, np.ones(40, bool), np.eye(3), np.array([1.0, 0, 0]), num_matches=2000)
+    assert stats["num_inliers"] == 4 and stats["inlier_ratio"] == 4 / 2000
+    assert "min_inliers" in check_stats(stats)
