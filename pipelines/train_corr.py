@@ -39,10 +39,10 @@ from data_prep.corr_dataset import CorrespondenceDataset, collate_sets  # noqa: 
 from n3sets.geometry import essential_from_pose  # noqa: E402
 from n3sets.losses import CorrespondenceLoss, balanced_bce, essential_loss  # noqa: E402
 from n3sets.metrics import classification_metrics, mean_average_precision  # noqa: E402
-from n3sets.models import CNNet, N3Net  # noqa: E402
+from n3sets.models import CNNet  # noqa: E402
 from n3sets.pose import pose_error  # noqa: E402
 from n3sets.twoview import pose_from_logits  # noqa: E402
-from n3sets.pretrained import WEIGHTS_DIR, save_model  # noqa: E402
+from n3sets.pretrained import WEIGHTS_DIR, model_classes, save_model  # noqa: E402
 from n3sets.training import (all_reduce_sums, atomic_torch_save, barrier, check_out_dir,  # noqa: E402
                              command_line, dist_setup, dist_teardown, export_target, gather_lists,
                              load_checkpoint, progress_bar, rng_state, save_figure_atomic, scheduled_lr,
@@ -51,7 +51,7 @@ from n3sets.cli import UsageError, add_threads_argument, check_writable_folder, 
 
 PROGRAM = "train_corr.py"
 
-MODELS = {"cnnet": CNNet, "n3net": N3Net}
+MODELS = model_classes("correspondence")  # {"cnnet": CNNet, "n3net": N3Net}, from the one registry
 
 # The embedded default (no --train): small synthetic data and a small N3Net, a few minutes on CPU.
 DEFAULT_RUN = {
@@ -313,17 +313,17 @@ def init_weights(model, model_name: str, source: str) -> dict:
     ``epochs``), kept in the checkpoints and the exported meta so a continued model says where it
     started.
     """
-    from n3sets.pretrained import check_weight_payload, resolve_weights
+    from n3sets.pretrained import check_weight_payload, read_checkpoint, resolve_weights
 
     try:
         path = resolve_weights(source)
     except FileNotFoundError as exc:
         raise UsageError(f"--init {source}: {one_line(exc)}") from None
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)  # a checkpoint holds RNG state
-    except Exception as exc:  # noqa: BLE001 -- truncated, corrupt or another kind of file
+        raw = read_checkpoint(path)  # weights_only, numpy's RNG state arrays allowed
+    except ValueError as exc:  # truncated, corrupt or another kind of file
         raise UsageError(f"--init {source}: cannot read {path} (truncated, corrupt, or neither a weight file nor "
-                         f"a checkpoint: {type(exc).__name__})") from None
+                         f"a checkpoint: {one_line(exc.__cause__ or exc)})") from None
     if isinstance(raw, dict) and "model_name" in raw and "model" in raw:  # a train_corr checkpoint
         name, conf, state = raw["model_name"], raw["model_conf"], raw["model"]
         origin = {"command": " && ".join(raw.get("commands", [raw.get("command", "")])), "epochs": int(raw["epoch"])}
