@@ -32,6 +32,8 @@ __all__ = [
     "dncnn_s25",
     "n3net_s25",
     "n3net_hetero",
+    "vdsr_x234",
+    "n3net_sr_x234",
     "match_filter",
 ]
 
@@ -156,6 +158,26 @@ def n3net_hetero(pretrained: bool = True, map_location: str | torch.device = "cp
         map_location: device to load onto.
     """
     return _image_model("n3net-hetero", pretrained, map_location)
+
+
+def vdsr_x234(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """VDSR super-resolution (Y channel, one model for x2 / x3 / x4), ``vdsr-x234``.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _image_model("vdsr-x234", pretrained, map_location)
+
+
+def n3net_sr_x234(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """N3Net-SR super-resolution (VDSR stages with two N3Block2d; x2 / x3 / x4), ``n3net-sr-x234``.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _image_model("n3net-sr-x234", pretrained, map_location)
 
 
 # ----------------------------------------------------------------------------- user-facing API
