@@ -23,7 +23,7 @@ from n3sets.cli import UsageError, check_writable_folder
 from n3sets.pretrained import resolve_weights, weights_name
 from n3sets.training import resolve_device
 
-from .io import list_images, read_image, same_file
+from .io import image_bit_depth, list_images, read_image, same_file
 
 __all__ = ["WRITE_SUFFIXES", "pick_device", "load_image_model", "sha256", "load_models", "load_dataset", "dataset_names",
            "check_writable", "check_output", "write_json", "image_file_names", "format_table", "TileProgress"]
@@ -161,6 +161,21 @@ def check_output(inp: Path, out: Path, overwrite: bool, bit_depth: int | None) -
         raise UsageError(f"OUT {out} exists; pass --overwrite to replace it")
     check_writable_folder(out.parent, f"OUT {out}")
 
+
+
+def read_input_image(inp: Path, out: Path, overwrite: bool, bit_depth: int | None) -> tuple[np.ndarray, int]:
+    """A user's input image and its bit depth, after the output check (UsageError naming IN otherwise)."""
+    if not inp.exists():
+        raise UsageError(f"IN {inp}: no such file")
+    check_output(inp, out, overwrite, bit_depth)
+    try:
+        image = read_image(inp, "auto")
+        in_depth = image_bit_depth(inp)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(f"IN {inp}: {exc}") from None
+    if not np.isfinite(image).all():
+        raise UsageError(f"IN {inp}: the image holds NaN or infinite values")
+    return image, in_depth
 
 def write_json(path: Path, obj: dict) -> None:
     """``obj`` as indented JSON at ``path``, atomically (temporary file + ``os.replace``)."""

@@ -28,8 +28,8 @@ import numpy as np
 
 from n3images import programs
 from n3images.inference import DEFAULT_TILE, denoise_image
-from n3images.io import image_bit_depth, read_image, write_image
-from n3images.programs import WRITE_SUFFIXES, check_output, pick_device
+from n3images.io import write_image
+from n3images.programs import WRITE_SUFFIXES, pick_device, read_input_image
 from n3sets.cli import UsageError, add_threads_argument, one_line
 from n3sets.pretrained import weights_name
 from n3sets.training import set_threads
@@ -89,16 +89,7 @@ def load_image_model(spec: str):
 def run(args) -> dict:
     set_threads(args.threads)
     inp, out = Path(args.input), Path(args.output)
-    if not inp.exists():
-        raise UsageError(f"IN {inp}: no such file")
-    check_output(inp, out, args.overwrite, args.bit_depth)
-    try:
-        image = read_image(inp, "auto")
-        in_depth = image_bit_depth(inp)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UsageError(f"IN {inp}: {exc}") from None
-    if not np.isfinite(image).all():
-        raise UsageError(f"IN {inp}: the image holds NaN or infinite values")
+    image, in_depth = read_input_image(inp, out, args.overwrite, args.bit_depth)
     device = pick_device(args.device)
     model = load_image_model(args.weights)
     model = model.to(device).eval()

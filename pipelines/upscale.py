@@ -22,12 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from n3images import programs
 from n3images.inference import DEFAULT_TILE
-from n3images.io import image_bit_depth, read_image, write_image
-from n3images.programs import WRITE_SUFFIXES, check_output, pick_device
+from n3images.io import write_image
+from n3images.programs import WRITE_SUFFIXES, pick_device, read_input_image
 from n3images.sr import upscale_image
 from n3sets.cli import UsageError, add_threads_argument, one_line
 from n3sets.training import set_threads
@@ -71,16 +70,7 @@ def scale_note(name: str, meta: dict, scale: int) -> str | None:
 def run(args) -> dict:
     set_threads(args.threads)
     inp, out = Path(args.input), Path(args.output)
-    if not inp.exists():
-        raise UsageError(f"IN {inp}: no such file")
-    check_output(inp, out, args.overwrite, args.bit_depth)
-    try:
-        image = read_image(inp, "auto")
-        in_depth = image_bit_depth(inp)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UsageError(f"IN {inp}: {exc}") from None
-    if not np.isfinite(image).all():
-        raise UsageError(f"IN {inp}: the image holds NaN or infinite values")
+    image, in_depth = read_input_image(inp, out, args.overwrite, args.bit_depth)
     h, w = image.shape[:2]
     if h * w * args.scale ** 2 > MAX_OUTPUT_PIXELS:
         raise UsageError(f"IN {inp}: {w}x{h} upscaled x{args.scale} is {w * args.scale}x{h * args.scale}, more than "
