@@ -33,13 +33,19 @@ DEFAULT_CONTRAST_THRESHOLD = 1e-5
 
 
 def load_gray(path) -> np.ndarray:
-    """Read an image as uint8 greyscale ``(H, W)``; raises naming the file when it is missing/unreadable."""
+    """Read an image as uint8 greyscale ``(H, W)``; raises naming the file when it is missing/unreadable.
+
+    The stored pixel grid is returned: an EXIF orientation tag is ignored (OpenCV would otherwise
+    rotate the image), because camera models refer to the stored grid (COLMAP reads images that
+    way, and so do the Strecha / Yi calibrations). A phone photo tagged "rotate 90" therefore
+    keeps its sensor width and height, as in the SfM model made from it.
+    """
     import cv2
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise ValueError(f"cannot read image {path} (not an image OpenCV can decode)")
     return image
@@ -162,7 +168,7 @@ class FeatureCache:
         if not image_path.is_file():
             raise FileNotFoundError(f"image not found: {image_path}")
         st = image_path.stat()
-        key = f"{image_path}|{st.st_size}|{st.st_mtime_ns}|sift|{self.num_kp}|{self.contrast_threshold!r}"
+        key = f"{image_path}|{st.st_size}|{st.st_mtime_ns}|stored-grid|sift|{self.num_kp}|{self.contrast_threshold!r}"
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         return self.cache_dir / f"{image_path.stem}-{digest}.npz"
 

@@ -260,7 +260,7 @@ def run(args) -> dict:
         caption += " | focal guessed"
     colour = []
     for p in paths:
-        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)  # the grid the keypoints are in
         colour.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
     draw_matches(colour[0], colour[1], x1, x2, res.inliers, caption, outdir / "matches.png", max_lines=args.max_lines)
     out["seconds"] = round(time.time() - t0, 2)

@@ -101,3 +101,22 @@ def test_corrupt_cache_entry_is_reported_deleted_and_rebuilt(strecha_root, tmp_p
         caplog.clear()
         cache.compute(image)
         assert "unreadable" not in caplog.text
+
+
+def test_load_gray_keeps_the_stored_grid_of_exif_rotated_photos(tmp_path):
+    """Phone photos tagged "rotate 90" (EXIF orientation 6): COLMAP and the calibrations use the
+    stored pixel grid, so must the keypoints (OpenCV's default would rotate the image)."""
+    from PIL import Image
+
+    from data_prep.features import load_gray
+
+    arr = np.zeros((30, 50), np.uint8)
+    arr[:, :10] = 255  # bright stripe on the left of the stored grid
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "rot.jpg") as im:
+        assert im.getexif().get(0x0112) == 6
+    img = load_gray(tmp_path / "rot.jpg")
+    assert img.shape == (30, 50)
+    assert img[:, :10].mean() > 200 and img[:, 20:].mean() < 50
