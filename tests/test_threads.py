@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ["train_corr.py", "eval_corr.py", "diagnose_corr.py", "filter_matches.py", "train_denoise.py",
             "eval_denoise.py", "denoise.py", "train_sr.py", "eval_sr.py", "upscale.py"]
 # the correspondence programs turn oneDNN off, so their numbers do not depend on --threads
-THREAD_INDEPENDENT = {"train_corr.py", "eval_corr.py", "diagnose_corr.py", "filter_matches.py"}
+# (train_corr only for its demo and with --thread-independent: oneDNN's backward is ~3x faster)
+THREAD_INDEPENDENT = {"eval_corr.py", "diagnose_corr.py", "filter_matches.py"}
 # programs whose --threads help is not (yet) the shared one; none now
 STALE_HELP: set = set()
 
@@ -171,3 +172,17 @@ def test_demo_same_numbers_for_1_and_2_threads(tmp_path):
     timeless = [{k: v for k, v in row.items() if not k.endswith("time_s")} for row in logs[1]]
     assert timeless == [{k: v for k, v in row.items() if not k.endswith("time_s")} for row in logs[2]]
     assert timeless[-1]["train_ess"] > 0  # the essential loss (eigen decompositions) was part of it
+
+
+def test_train_corr_keeps_onednn_for_real_runs():
+    """oneDNN off costs ~3x per training step (convolution backward): only the demo and
+    --thread-independent turn it off."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_corr_threads", ROOT / "pipelines" / "train_corr.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    real = ["--train", "a.h5", "--val", "b.h5", "--out", "runs/x"]
+    assert not module.thread_independent(module.parse_args(real))
+    assert module.thread_independent(module.parse_args(real + ["--thread-independent"]))
+    assert module.thread_independent(module.parse_args([]))  # the embedded demo
