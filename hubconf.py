@@ -29,6 +29,8 @@ __all__ = [
     "n3net_strecha",
     "n3net_strecha_refine",
     "n3net_strecha_side",
+    "cnnet_scenes8",
+    "n3net_scenes8",
     "dncnn_s25",
     "n3net_s25",
     "n3net_hetero",
@@ -123,6 +125,27 @@ def cnnet_strecha_side(pretrained: bool = True, map_location: str | torch.device
         map_location: device to load onto.
     """
     return _correspondence_model("cnnet-strecha-side", pretrained, map_location)
+
+
+def n3net_scenes8(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """N3Net correspondence classifier trained on seven scenes (Strecha castle-P30, Middlebury
+    templeSparseRing / dinoRing, four SfM photo scenes; ``n3net-scenes8``), selected on Herz-Jesus-P25.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _correspondence_model("n3net-scenes8", pretrained, map_location)
+
+
+def cnnet_scenes8(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """CNNet baseline trained like ``n3net-scenes8`` on the same seven scenes (``cnnet-scenes8``).
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _correspondence_model("cnnet-scenes8", pretrained, map_location)
 
 
 # ----------------------------------------------------------------------------- image restoration
