@@ -59,3 +59,24 @@ def strecha_root(data_root) -> Path:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def load_program():
+    """``load_program("eval_corr")`` -> the module ``pipelines/eval_corr.py`` (the programs are files,
+    not a package); each program is loaded once per session."""
+    import importlib.util
+    import sys
+
+    cache = {}
+
+    def load(name: str):
+        if name not in cache:
+            spec = importlib.util.spec_from_file_location(f"pipelines_{name}", ROOT / "pipelines" / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+            cache[name] = module
+        return cache[name]
+
+    return load

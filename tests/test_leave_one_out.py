@@ -1,21 +1,12 @@
 """pipelines/leave_one_out.py: per-fold manifests, training + evaluation of the held-out scene, the table."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "n3net", "--channels", "8", "--blocks", "2", "--n3-after", "1", "--k", "1",
         "--embed-channels", "4", "--batch-size", "4", "--max-matches", "40", "--threads", "1", "--no-progress",
         "--epochs", "1"]
-
-
-def _program():
-    spec = importlib.util.spec_from_file_location("leave_one_out_t", ROOT / "pipelines" / "leave_one_out.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +24,8 @@ def manifest(tmp_path_factory):
     return path
 
 
-def test_folds_train_evaluate_and_tabulate(manifest, tmp_path, capsys):
-    prog = _program()
+def test_folds_train_evaluate_and_tabulate(manifest, tmp_path, capsys, load_program):
+    prog = load_program("leave_one_out")
     out = tmp_path / "loso"
     argv = ["--manifest", str(manifest), "--out", str(out), "--fold", "a", "--fold", "c", "--eval-max-pairs", "5", "--", *TINY]
     assert prog.main(argv) == 0
@@ -66,15 +57,15 @@ def test_folds_train_evaluate_and_tabulate(manifest, tmp_path, capsys):
     (["--fold", "zzz"], "--fold zzz: not a training scene"),
     (["--", "--out", "x"], "--out after '--'"),
 ])
-def test_bad_input(manifest, tmp_path, capsys, argv, needle):
-    prog = _program()
+def test_bad_input(manifest, tmp_path, capsys, argv, needle, load_program):
+    prog = load_program("leave_one_out")
     assert prog.main(["--manifest", str(manifest), "--out", str(tmp_path / "o"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("leave_one_out.py: error:") and needle in err[0], err
     assert not (tmp_path / "o").exists()
 
 
-def test_table_of_nothing(tmp_path, capsys):
+def test_table_of_nothing(tmp_path, capsys, load_program):
     (tmp_path / "empty").mkdir()
-    assert _program().main(["--table", str(tmp_path / "empty")]) == 2
+    assert load_program("leave_one_out").main(["--table", str(tmp_path / "empty")]) == 2
     assert "no finished fold" in capsys.readouterr().err

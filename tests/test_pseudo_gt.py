@@ -5,7 +5,6 @@ and the same labels; one camera turned by a known angle must give exactly that r
 and change labels; an unregistered view counts as missing.
 """
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,17 +12,6 @@ import pytest
 pytestmark = [pytest.mark.data]
 
 VIEWS = 3
-
-
-def _program_main(name):
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location(f"pipelines_{name}", Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _rot(axis, deg):
@@ -57,7 +45,7 @@ def _model(scene, out_dir, views, turn=None):
 
 
 @pytest.fixture(scope="module")
-def entry3(strecha_root, tmp_path_factory):
+def entry3(strecha_root, tmp_path_factory, load_program):
     """Scene folder with the first three entry-P10 views and the dataset built from its true cameras."""
     from data_prep.scenes import read_strecha_scene
 
@@ -70,7 +58,7 @@ def entry3(strecha_root, tmp_path_factory):
         (root / "images" / name).symlink_to(src / "images" / name)
         (root / "cameras" / f"{name}.camera").symlink_to(src / "cameras" / f"{name}.camera")
     h5 = root.parent / "entry3.h5"
-    build = _program_main("build_corr_dataset")
+    build = load_program("build_corr_dataset").main
     assert build(["--format", "strecha", "--scene", str(root), "--out", str(h5), "--num-kp", "400",
                   "--min-verified", "5", "--no-progress", "--cache-dir", str(root.parent / "cache")]) == 0
     return root, h5, read_strecha_scene(root)
@@ -105,9 +93,9 @@ def test_turned_camera_and_unregistered_view(entry3, tmp_path):
     assert s["agreement_all"] < 0.95 and s["recall_all"] < 0.5, s
 
 
-def test_program_writes_json_and_refuses_bad_input(entry3, tmp_path, capsys):
+def test_program_writes_json_and_refuses_bad_input(entry3, tmp_path, capsys, load_program):
     root, h5, scene = entry3
-    main = _program_main("check_pseudo_gt")
+    main = load_program("check_pseudo_gt").main
     sfm = tmp_path / "sfm"
     _model(scene, sfm / "model", range(VIEWS))
     out = tmp_path / "r.json"
