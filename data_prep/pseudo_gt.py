@@ -108,8 +108,8 @@ def _epipolar_distance(x1: np.ndarray, x2: np.ndarray, R: np.ndarray, t: np.ndar
 def compare_labels(h5_path, views: dict, threshold: float = DEFAULT_THRESHOLD) -> dict:
     """Relabel the matches of the true-pose dataset ``h5_path`` with the SfM ``views``.
 
-    Returns ``{"pairs": [{"name", "matches", "true_inliers", "pseudo_inliers", "agreement",
-    "precision", "recall"}], "missing": [names]}``. Precision / recall are of the pseudo labels
+    Returns ``{"pairs": [{"name", "matches", "true_inliers", "pseudo_inliers", "both_inliers",
+    "agreement", "precision", "recall"}], "missing": [names]}``. Precision / recall are of the pseudo labels
     against the stored (true-pose) labels; ``None`` where undefined (no pseudo / no true inliers).
     """
     from .h5io import open_pairs, pair_keys
@@ -131,7 +131,8 @@ def compare_labels(h5_path, views: dict, threshold: float = DEFAULT_THRESHOLD) -
             pseudo = _epipolar_distance(x1, x2, R, t) < threshold
             tp = int((pseudo & true).sum())
             pairs.append({"name": name, "matches": int(true.size), "true_inliers": int(true.sum()),
-                          "pseudo_inliers": int(pseudo.sum()), "agreement": float((pseudo == true).mean()),
+                          "pseudo_inliers": int(pseudo.sum()), "both_inliers": tp,
+                          "agreement": float((pseudo == true).mean()),
                           "precision": tp / int(pseudo.sum()) if pseudo.any() else None,
                           "recall": tp / int(true.sum()) if true.any() else None})
     return {"pairs": pairs, "missing": missing}
@@ -152,7 +153,7 @@ def summarize_check(poses: dict, labels: dict | None) -> dict:
            "translation_deg": _stats(p["translation_deg"] for p in poses["pairs"])}
     if labels is not None:
         lp = labels["pairs"]
-        tp = sum(round(p["precision"] * p["pseudo_inliers"]) for p in lp if p["precision"] is not None)
+        tp = sum(p["both_inliers"] for p in lp)
         pseudo = sum(p["pseudo_inliers"] for p in lp)
         true = sum(p["true_inliers"] for p in lp)
         matches = sum(p["matches"] for p in lp)
