@@ -32,11 +32,20 @@ WRITE_SUFFIXES = {".png": (8, 16), ".tif": (8, 16), ".tiff": (8, 16), ".jpg": (8
 
 
 def pick_device(name: str) -> torch.device:
-    """``--device`` as a torch device; UsageError naming it when it is malformed or absent."""
+    """``--device`` as a torch device; UsageError naming it when it is malformed or absent.
+
+    On CUDA the evaluation and inference programs compute in full float32: TF32 convolutions and
+    matrix products (cuDNN's default for convolutions) are turned off, so that PSNR figures made on
+    a GPU agree with the CPU's instead of losing about three decimal digits in every layer.
+    """
     try:
-        return resolve_device(name)
+        device = resolve_device(name)
     except ValueError as exc:
         raise UsageError(f"--device {name}: {exc}") from None
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return device
 
 
 def load_image_model(spec: str, task: str | None = None, option: str = "--weights"):

@@ -128,6 +128,10 @@ def add_common_arguments(p: argparse.ArgumentParser, models: dict, *, default_mo
     p.add_argument("--stages", type=int, help="n3net: stages (3; 2 = the light variant)")
     p.add_argument("--model-conf", type=json.loads, default={}, help="JSON dict of further model configuration")
     p.add_argument("--export", help="write the best checkpoint as weight file NAME (n3images/weights/NAME.pt) or PATH")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="stop cleanly (checkpoint, logs, --export) after the first epoch whose end leaves less "
+                        "than one more epoch (the slowest so far) inside SECONDS of this invocation; "
+                        "--resume continues the schedule later (0: no limit)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -144,7 +148,7 @@ def check_common_arguments(p: argparse.ArgumentParser, args: argparse.Namespace)
         p.error(f"--lr must be positive, got {args.lr}")
     if not 0 < args.lr_decay <= 1:
         p.error(f"--lr-decay must be in (0, 1], got {args.lr_decay}")
-    for name in ("momentum", "weight_decay", "clip_grad_norm", "clip_grad_theta"):
+    for name in ("momentum", "weight_decay", "clip_grad_norm", "clip_grad_theta", "time_budget"):
         if not (np.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not isinstance(args.model_conf, dict):
@@ -387,7 +391,14 @@ def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
     def plot(path, hist):
         plot_curves(path, hist, task.train_label)
 
+    started, slowest_epoch, stopped_early = time.time(), 0.0, False
     for epoch in range(start_epoch, args.epochs):
+        if args.time_budget and epoch > start_epoch:
+            # every process takes rank 0's decision, so that none starts an epoch the others skip
+            over = rank == 0 and time.time() - started + slowest_epoch > args.time_budget
+            if all_reduce_sums({"stop": float(over)}, world)["stop"]:
+                stopped_early = True
+                break
         t0 = time.time()
         lr = scheduled_lr(args.lr, args.lr_decay, args.lr_decay_epochs, epoch + 1)
         for group in optimizer.param_groups:
@@ -420,6 +431,7 @@ def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
                **{k: v for k, v in metrics.items() if k != "val_images"}, "epoch_time_s": time.time() - t0,
                "train_time_s": train_time}
         history.append(row)
+        slowest_epoch = max(slowest_epoch, row["epoch_time_s"])
         is_best = best is None or metrics["val_psnr"] > best["val_psnr"]
         if is_best:
             best, best_train_time = {**metrics, "epoch": epoch + 1}, train_time
@@ -437,8 +449,13 @@ def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
                   f"SSIM {row['val_ssim']:.4f}  ({row['epoch_time_s']:.0f} s){'  *best*' if is_best else ''}", flush=True)
         barrier(world)
 
-    summary = {"out": str(out), "best": best, "epochs": len(history)}
+    summary = {"out": str(out), "best": best, "epochs": len(history), "stopped_early": stopped_early}
     if rank == 0:
+        if stopped_early:
+            write_logs(out, history, {**info, "data": data_info, "best": best,
+                                      "stopped_early": f"--time-budget {args.time_budget:g} s"}, task.csv_fields, plot)
+            print(f"--time-budget {args.time_budget:g} s: stopped after epoch {len(history)} of {args.epochs}; "
+                  f"--resume continues from {last_path}", flush=True)
         if best is not None:
             print(f"best epoch {best['epoch']}: val PSNR {best['val_psnr']:.3f} dB; checkpoints in {out}")
         if args.export:

@@ -78,6 +78,26 @@ def test_resume_is_exact(images, tmp_path):
     assert len(sb["commands"]) == 2
 
 
+def test_time_budget_stops_cleanly_and_resume_finishes_exactly(images, tmp_path):
+    """--time-budget ends after a whole epoch (checkpoint, logs, export); --resume then matches an uninterrupted run."""
+    a, b, export = tmp_path / "a", tmp_path / "b", tmp_path / "cut.pt"
+    _run(["--data", str(images), "--out", str(a), "--epochs", "3"] + DN)
+    s = _run(["--data", str(images), "--out", str(b), "--epochs", "3", "--time-budget", "1e-6",
+              "--export", str(export)] + DN)
+    assert s["stopped_early"] and s["epochs"] == 1
+    log = json.loads((b / "log.json").read_text())
+    assert log["stopped_early"] == "--time-budget 1e-06 s" and len(log["history"]) == 1
+    assert n3images.load_model(export).meta["steps"] == 2
+    s = _run(["--data", str(images), "--out", str(b), "--epochs", "3", "--resume", "--time-budget", "1e6"] + DN)
+    assert not s["stopped_early"] and s["epochs"] == 3
+    sa = torch.load(a / "last.pt", weights_only=False)
+    sb = torch.load(b / "last.pt", weights_only=False)
+    for key, value in sa["model"].items():
+        assert torch.equal(value, sb["model"][key]), key
+    with pytest.raises(SystemExit):
+        _run(["--data", str(images), "--out", str(tmp_path / "c"), "--time-budget", "-1"] + DN)
+
+
 def test_refuses_to_overwrite_a_run(images, tmp_path):
     out = tmp_path / "run"
     _run(["--data", str(images), "--out", str(out), "--epochs", "1"] + DN)

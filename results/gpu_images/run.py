@@ -1,0 +1,217 @@
+#!/usr/bin/env python
+"""Train and evaluate the image models of one GPU lease in a fixed wall-clock window.
+
+    PYTHONPATH=. python results/gpu_images/run.py --images DIR --out OUT [--window 540]
+
+Used on a one-GPU machine lent for about ten minutes (see results/gpu_images/README.md). Six
+trainings run at once on the one GPU, in pairs that share one schedule (the network and its
+baseline get the same steps, crops and learning rates):
+
+    denoising sigma 25:  n3net / dncnn       denoising sigma 50:  n3net / dncnn
+    super-resolution x2, x3, x4 in one model: n3net / vdsr
+
+1. probe: every training runs one short epoch at the same time (same contention as later); the
+   seconds per step and per validation pass of the slower model of each pair give the pair's epoch
+   count that fits the training window;
+2. train: all six at once with that schedule (learning rate x0.3 at 70 % and 90 % of the epochs),
+   ``--time-budget`` as a safety net, best validation epoch exported to ``OUT/<name>.pt``;
+3. evaluate: ``eval_denoise.py`` (urban10, set12, bsd68 at the model's sigma) and ``eval_sr.py``
+   (set5, set14, urban10, x2 x3 x4) on the GPU in full float32;
+4. pack the logs and result JSONs into ``OUT/runs.tgz`` (after each phase, so that a lease cut
+   short still returns what was done).
+
+``DIR`` holds the image folders train400, urban10, set12, bsd68, set5 and set14.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+START = time.time()
+PY = sys.executable
+
+DENOISE = ["--crop", "80", "--batch-size", "32", "--samples-per-epoch", "3200", "--lr", "1e-3", "--lr-decay", "0.3"]
+SR = ["--scales", "2", "3", "4", "--crop", "48", "--batch-size", "64", "--samples-per-epoch", "6400", "--lr", "1e-4",
+      "--lr-decay", "0.3"]
+# name -> (program, pair, arguments); the pair shares one schedule
+JOBS = {
+    "n3net-s25": ("train_denoise", "s25", ["--model", "n3net", "--sigma", "25"] + DENOISE),
+    "dncnn-s25": ("train_denoise", "s25", ["--model", "dncnn", "--sigma", "25"] + DENOISE),
+    "n3net-s50": ("train_denoise", "s50", ["--model", "n3net", "--sigma", "50"] + DENOISE),
+    "dncnn-s50": ("train_denoise", "s50", ["--model", "dncnn", "--sigma", "50"] + DENOISE),
+    "n3net-sr-x234": ("train_sr", "sr", ["--model", "n3net"] + SR),
+    "vdsr-x234": ("train_sr", "sr", ["--model", "vdsr"] + SR),
+}
+
+
+def elapsed() -> float:
+    return time.time() - START
+
+
+def say(msg: str) -> None:
+    print(f"[{elapsed():6.1f} s] {msg}", flush=True)
+
+
+def pack(runs: Path, out: Path) -> None:
+    """Logs, curves, result JSONs and process outputs (no checkpoints) into out/runs.tgz, atomically."""
+    tmp = out / "runs.tgz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for f in sorted(runs.rglob("*")):
+            if f.is_file() and f.suffix in (".json", ".csv", ".png", ".txt", ".log"):
+                tar.add(f, arcname=str(f.relative_to(runs)))
+    os.replace(tmp, out / "runs.tgz")
+
+
+def launch(cmd: list[str], log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.with_suffix(".command.txt").write_text(" ".join(cmd) + "\n")
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_all(procs: dict[str, subprocess.Popen], deadline: float) -> dict[str, int | None]:
+    """Wait until every process ends or ``deadline`` (seconds since start) passes; kill the rest."""
+    while any(p.poll() is None for p in procs.values()) and elapsed() < deadline:
+        time.sleep(1)
+    for name, p in procs.items():
+        if p.poll() is None:
+            say(f"{name}: still running at the deadline, killed")
+            p.kill()
+            p.wait()
+    return {name: p.returncode for name, p in procs.items()}
+
+
+SMOKE = ["--depth", "2", "--features", "4", "--crop", "24", "--batch-size", "2", "--samples-per-epoch", "4",
+         "--val-count", "2"]
+
+
+def train_cmd(name: str, a, out_dir: Path, extra: list[str]) -> list[str]:
+    program, _, args = JOBS[name]
+    return [PY, f"pipelines/{program}.py", "--data", str(a.images / "train400"), "--out", str(out_dir),
+            "--device", a.device, "--threads", "2", "--num-workers", "2", "--no-progress", "--seed", "0"] + args + extra \
+        + (SMOKE if a.smoke else [])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--runs", type=Path, default=Path("/tmp/gpu_runs"))
+    ap.add_argument("--window", type=float, default=540, help="seconds from start by which everything is packed")
+    ap.add_argument("--eval-seconds", type=float, default=110, help="seconds kept for evaluation and packing")
+    ap.add_argument("--probe-steps", type=int, default=25)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--smoke", action="store_true", help="tiny models and epochs: a check of this script on a CPU")
+    a = ap.parse_args()
+    runs, out = a.runs, a.out
+    runs.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"window_s": a.window, "host": os.uname().nodename}
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as exc:  # noqa: BLE001 - informational only
+        smi = f"nvidia-smi failed: {exc}"
+    import torch
+    info.update(gpu=smi, torch=torch.__version__, python=sys.version.split()[0])
+    say(f"GPU: {smi}; torch {torch.__version__}")
+
+    # 1. probe
+    procs = {}
+    for name, (_, _, args) in JOBS.items():
+        per_epoch = int(args[args.index("--batch-size") + 1]) * a.probe_steps
+        cmd = train_cmd(name, a, runs / "probe" / name, ["--epochs", "1", "--samples-per-epoch", str(per_epoch)])
+        procs[name] = launch(cmd, runs / "probe" / name / "stdout.log")
+    codes = wait_all(procs, deadline=min(90.0, a.window / 4))
+    probe_end = elapsed()
+    speeds = {}
+    for name in JOBS:
+        log = runs / "probe" / name / "log.json"
+        if codes[name] != 0 or not log.is_file():
+            say(f"{name}: probe failed (exit {codes[name]}); last output:\n"
+                + (runs / "probe" / name / "stdout.log").read_text()[-2000:])
+            continue
+        row = json.loads(log.read_text())["history"][0]
+        speeds[name] = {"step_s": row["train_time_s"] / row["step"], "val_s": row["epoch_time_s"] - row["train_time_s"]}
+        say(f"{name}: probe {speeds[name]['step_s'] * 1000:.0f} ms/step, validation {speeds[name]['val_s']:.1f} s")
+    info["probe"] = speeds
+    pack(runs, out)
+
+    # 2. train: every pair's epochs fit the window left before evaluation (with a start-up margin)
+    train_window = a.window - a.eval_seconds - probe_end - 25
+    schedule = {}
+    for pair in sorted({p for _, p, _ in JOBS.values()}):
+        members = [n for n, (_, p, _) in JOBS.items() if p == pair]
+        if not all(n in speeds for n in members):
+            continue
+        steps = {n: int(JOBS[n][2][JOBS[n][2].index("--samples-per-epoch") + 1])
+                 // int(JOBS[n][2][JOBS[n][2].index("--batch-size") + 1]) for n in members}
+        epoch_s = max(steps[n] * speeds[n]["step_s"] + speeds[n]["val_s"] for n in members)
+        epochs = max(2, int(train_window // epoch_s))
+        decay = sorted({max(2, round(0.7 * epochs) + 1), max(2, round(0.9 * epochs) + 1)})
+        decay = [e for e in decay if e <= epochs]
+        schedule[pair] = {"epochs": epochs, "decay": decay, "epoch_s_probe": epoch_s}
+        say(f"pair {pair}: {epochs} epochs of {max(steps.values())} steps, lr decay at {decay} "
+            f"(probe: {epoch_s:.1f} s per epoch, window {train_window:.0f} s)")
+    info["schedule"] = schedule
+    procs = {}
+    for name, (_, pair, _) in JOBS.items():
+        if pair not in schedule:
+            continue
+        s = schedule[pair]
+        extra = ["--epochs", str(s["epochs"]), "--lr-decay-epochs", *map(str, s["decay"]),
+                 "--time-budget", f"{train_window + 10:.0f}", "--export", str(out / f"{name}.pt")]
+        procs[name] = launch(train_cmd(name, a, runs / "train" / name, extra), runs / "train" / name / "stdout.log")
+    codes = wait_all(procs, deadline=a.window - a.eval_seconds + 20)
+    info["train_exit"] = codes
+    for name in procs:  # a run killed before its export: ship its best checkpoint as it is
+        best = runs / "train" / name / "best.pt"
+        if not (out / f"{name}.pt").is_file() and best.is_file():
+            shutil.copy(best, out / f"{name}.pt")
+            say(f"{name}: not exported, {best} copied instead")
+    for name in procs:
+        log = runs / "train" / name / "log.json"
+        if log.is_file():
+            h = json.loads(log.read_text())
+            say(f"{name}: exit {codes[name]}, {len(h['history'])} epochs, best val PSNR {h['best']['val_psnr']:.3f} "
+                f"(epoch {h['best']['epoch']}), {h['history'][-1]['train_time_s']:.0f} s training")
+    (runs / "driver.json").write_text(json.dumps(info, indent=2))
+    pack(runs, out)
+
+    # 3. evaluate on the GPU, one process per (task, data) so that the CPU-side metrics run in parallel
+    d = a.images
+    limit = ["--max-images", "1"] if a.smoke else []
+    procs = {}
+    for sigma in ("25", "50"):
+        weights = [str(out / f"{m}-s{sigma}.pt") for m in ("n3net", "dncnn") if (out / f"{m}-s{sigma}.pt").is_file()]
+        for tag, sets in (("urban10", ["urban10"]), ("set12_bsd68", ["set12", "bsd68"])):
+            if weights:
+                cmd = [PY, "pipelines/eval_denoise.py", "--data", *[str(d / x) for x in sets], "--sigma", sigma,
+                       "--weights", *weights, "--device", a.device, "--quiet",
+                       "--json", str(runs / "eval" / f"denoise_s{sigma}_{tag}.json")] + limit
+                procs[f"eval-s{sigma}-{tag}"] = launch(cmd, runs / "eval" / f"denoise_s{sigma}_{tag}.log")
+    weights = [str(out / f"{m}.pt") for m in ("vdsr-x234", "n3net-sr-x234") if (out / f"{m}.pt").is_file()]
+    for scale in ("2", "3", "4"):
+        if weights:
+            cmd = [PY, "pipelines/eval_sr.py", "--data", str(d / "set5"), str(d / "set14"), str(d / "urban10"),
+                   "--scale", scale, "--weights", *weights, "--device", a.device, "--quiet",
+                   "--json", str(runs / "eval" / f"sr_x{scale}.json")] + limit
+            procs[f"eval-sr-x{scale}"] = launch(cmd, runs / "eval" / f"sr_x{scale}.log")
+    codes = wait_all(procs, deadline=a.window - 8)
+    info["eval_exit"] = codes
+    info["total_s"] = elapsed()
+    (runs / "driver.json").write_text(json.dumps(info, indent=2))
+    for name in procs:
+        say(f"{name}: exit {codes[name]}")
+    pack(runs, out)
+    say("done")
+
+
+if __name__ == "__main__":
+    main()
