@@ -250,12 +250,17 @@ class BlockedCandidates:
                                  f"{(starts[i + 1] - starts[i], m.numel())}, got {mk.dtype} {tuple(mk.shape)}")
         self.starts, self.members, self.masks = list(starts), members, masks
         self._block = {s: i for i, s in enumerate(self.starts[:-1])}
+        # the members' range, read once here: check() runs on every forward, and a per-block
+        # min / max there is two device synchronisations per block on a GPU
+        nonempty = [m for m in members if m.numel()]
+        both = torch.cat(nonempty) if nonempty else None
+        self._range = (int(both.min()), int(both.max())) if both is not None else None
 
     def check(self, query: torch.Tensor, cand: torch.Tensor, feat: torch.Tensor) -> None:
         if self.starts[-1] != query.shape[-1]:
             raise ValueError(f"BlockedCandidates: blocks cover {self.starts[-1]} queries, got Q={query.shape[-1]}")
         n = cand.shape[-1]
-        if any(m.numel() and (int(m.min()) < 0 or int(m.max()) >= n) for m in self.members):
+        if self._range is not None and (self._range[0] < 0 or self._range[1] >= n):
             raise ValueError(f"BlockedCandidates: members must lie in [0, N={n})")
 
     def auto_chunk(self, B: int, Q: int, N: int, E: int, F: int) -> int | None:

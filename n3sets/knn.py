@@ -144,16 +144,15 @@ def _forward_weights(dist, t, mask, k):
         logits.masked_fill_(masked_out, float("-inf"))
     W = dist.new_empty(dist.shape[:-2] + (k,) + dist.shape[-2:])
     alive_rows = []
+    # read once (one device synchronisation instead of one per step): below it every row is alive
+    fewest = None if count is None or count.numel() == 0 else int(count.amin())
     for j in range(k):
         alive = None
-        if count is not None:
+        if fewest is not None and j >= fewest:
             # Only a query with <= j allowed candidates can have an all -inf row (a step removes at
             # most the single item of weight 1); give it a harmless row so nothing turns NaN.
             alive = count > j
-            if bool(alive.all()):
-                alive = None
-            else:
-                logits = torch.where(alive, logits, zero)
+            logits = torch.where(alive, logits, zero)
         alive_rows.append(alive)
         top = logits.amax(-1, keepdim=True)
         e = logits - top
