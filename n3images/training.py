@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,7 +204,8 @@ def validate(model, pairs, score: Callable, device, rank: int, world: int) -> di
     for j in range(rank, len(pairs), world):
         inp, target, tag = pairs[j]
         out = model(inp.to(device)).cpu()[0]
-        rows.append((*score(out, target[0], tag), tag))
+        finite = bool(torch.isfinite(out).all())  # a diverged model: NaN rows, reported by the caller on every rank
+        rows.append((*(score(out, target[0], tag) if finite else (math.nan, math.nan)), tag))
     rows = gather_lists(rows, world)
     arr = np.asarray([r[:2] for r in rows], dtype=np.float64).reshape(-1, 2)
     result = {"val_psnr": float(arr[:, 0].mean()), "val_ssim": float(arr[:, 1].mean()), "val_images": len(arr)}
@@ -426,6 +428,11 @@ def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
         train_time += time.time() - t0
         sums = all_reduce_sums(sums, world)
         metrics = validate(model, val_pairs, task.score, device, rank, world)
+        if not (math.isfinite(sums["loss"]) and math.isfinite(metrics["val_psnr"])):
+            what = "training loss" if not math.isfinite(sums["loss"]) else "validation output"
+            kept = f"{last_path} keeps epoch {epoch}" if epoch > 0 else "no checkpoint was written"
+            raise SystemExit(f"training diverged in epoch {epoch + 1} (step {step}): the {what} holds NaN or inf; "
+                             f"{kept}. Train again with a smaller --lr or with --clip-grad-norm.")
         n = max(sums["n"], 1)
         row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": sums["loss"] / n, "train_psnr": sums["psnr"] / n,
                **{k: v for k, v in metrics.items() if k != "val_images"}, "epoch_time_s": time.time() - t0,

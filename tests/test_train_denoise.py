@@ -98,6 +98,14 @@ def test_time_budget_stops_cleanly_and_resume_finishes_exactly(images, tmp_path)
         _run(["--data", str(images), "--out", str(tmp_path / "c"), "--time-budget", "-1"] + DN)
 
 
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_finite_checkpoint(images, tmp_path):
+    out = tmp_path / "run"
+    _run(["--data", str(images), "--out", str(out), "--epochs", "1"] + DN)
+    with pytest.raises(SystemExit, match=r"diverged in epoch 2 .*NaN or inf.*keeps epoch 1.*--clip-grad-norm"):
+        _run(["--data", str(images), "--out", str(out), "--epochs", "3", "--resume"] + DN + ["--lr", "1e30"])
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 1
+
+
 def test_refuses_to_overwrite_a_run(images, tmp_path):
     out = tmp_path / "run"
     _run(["--data", str(images), "--out", str(out), "--epochs", "1"] + DN)
