@@ -33,6 +33,8 @@ __all__ = [
     "n3net_scenes8",
     "dncnn_s25",
     "n3net_s25",
+    "dncnn_s50",
+    "n3net_s50",
     "n3net_hetero",
     "vdsr_x234",
     "n3net_sr_x234",
@@ -171,6 +173,26 @@ def n3net_s25(pretrained: bool = True, map_location: str | torch.device = "cpu")
         map_location: device to load onto.
     """
     return _image_model("n3net-s25", pretrained, map_location)
+
+
+def dncnn_s50(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """DnCNN denoiser for Gaussian noise of sigma 50 (images in [0, 1]), ``dncnn-s50``.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _image_model("dncnn-s50", pretrained, map_location)
+
+
+def n3net_s50(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """N3Net denoiser (DnCNN stages with N3 blocks) for Gaussian noise of sigma 50, ``n3net-s50``.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _image_model("n3net-s50", pretrained, map_location)
 
 
 def n3net_hetero(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:

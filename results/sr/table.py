@@ -1,6 +1,6 @@
 """The README's super-resolution table from eval_sr.py JSON files.
 
-    python results/sr/table.py results/sr/vdsr_x234.json results/sr/n3net_sr_x234_*.json
+    python results/sr/table.py results/sr/sr_x*.json
 """
 import json
 import sys
