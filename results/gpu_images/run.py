@@ -21,6 +21,11 @@ baseline get the same steps, crops and learning rates):
    short still returns what was done).
 
 ``DIR`` holds the image folders train400, urban10, set12, bsd68, set5 and set14.
+
+``--plan`` picks the trainings: ``shipped`` (the above), ``seeds`` (the two denoising pairs again
+with seed 1, at the shipped schedules, for the seed spread) or ``ablation`` (N3Net k = 1, k = 4,
+hard-KNN and an 18-layer DnCNN at the shipped sigma-25 schedule, evaluated on urban10). Plans with
+fixed schedules skip the probe. ``--no-eval`` trains only (evaluate later, e.g. on a CPU).
 """
 from __future__ import annotations
 
@@ -40,15 +45,43 @@ PY = sys.executable
 DENOISE = ["--crop", "80", "--batch-size", "32", "--samples-per-epoch", "3200", "--lr", "1e-3", "--lr-decay", "0.3"]
 SR = ["--scales", "2", "3", "4", "--crop", "48", "--batch-size", "64", "--samples-per-epoch", "6400", "--lr", "1e-4",
       "--lr-decay", "0.3"]
-# name -> (program, pair, arguments); the pair shares one schedule
-JOBS = {
-    "n3net-s25": ("train_denoise", "s25", ["--model", "n3net", "--sigma", "25"] + DENOISE),
-    "dncnn-s25": ("train_denoise", "s25", ["--model", "dncnn", "--sigma", "25"] + DENOISE),
-    "n3net-s50": ("train_denoise", "s50", ["--model", "n3net", "--sigma", "50"] + DENOISE),
-    "dncnn-s50": ("train_denoise", "s50", ["--model", "dncnn", "--sigma", "50"] + DENOISE),
-    "n3net-sr-x234": ("train_sr", "sr", ["--model", "n3net"] + SR),
-    "vdsr-x234": ("train_sr", "sr", ["--model", "vdsr"] + SR),
+SCHEDULE_S25 = {"epochs": 14, "decay": [11, 14]}  # what the shipped sigma-25 pair got (chosen by the probe)
+SCHEDULE_S50 = {"epochs": 13, "decay": [10, 13]}
+ALL_SETS = ("set12", "bsd68", "urban10")
+
+
+def _denoise(model: str, sigma: str, pair: str, extra=(), schedule=None, sets=ALL_SETS) -> dict:
+    return {"program": "train_denoise", "pair": pair, "schedule": schedule, "eval": ("denoise", sigma, sets),
+            "args": ["--model", model, "--sigma", sigma] + DENOISE + list(extra)}
+
+
+# plan -> {name: job}; the members of a pair share one schedule: the probe's (schedule None) or a fixed one
+PLANS = {
+    # the shipped weights: three pairs, epochs from the probe
+    "shipped": {
+        "n3net-s25": _denoise("n3net", "25", "s25"),
+        "dncnn-s25": _denoise("dncnn", "25", "s25"),
+        "n3net-s50": _denoise("n3net", "50", "s50"),
+        "dncnn-s50": _denoise("dncnn", "50", "s50"),
+        "n3net-sr-x234": {"program": "train_sr", "pair": "sr", "schedule": None, "eval": ("sr",),
+                          "args": ["--model", "n3net"] + SR},
+        "vdsr-x234": {"program": "train_sr", "pair": "sr", "schedule": None, "eval": ("sr",), "args": ["--model", "vdsr"] + SR},
+    },
+    # seed spread of the denoising comparison: the shipped schedules with seed 1
+    "seeds": {
+        f"{m}-s{sig}-seed1": _denoise(m, sig, f"s{sig}", ["--seed", "1"], sched)
+        for sig, sched in (("25", SCHEDULE_S25), ("50", SCHEDULE_S50)) for m in ("n3net", "dncnn")
+    },
+    # the k / matching ablation at the shipped sigma-25 schedule (urban10 only)
+    "ablation": {
+        "n3net-k1-s25": _denoise("n3net", "25", "s25", ["--k", "1"], SCHEDULE_S25, ("urban10",)),
+        "n3net-k4-s25": _denoise("n3net", "25", "s25", ["--k", "4"], SCHEDULE_S25, ("urban10",)),
+        "n3net-knn-s25": _denoise("n3net", "25", "s25", ["--model-conf", json.dumps(
+            {"block": {"embed": "none", "relaxation": "hard"}, "match_on": "input"})], SCHEDULE_S25, ("urban10",)),
+        "dncnn18-s25": _denoise("dncnn", "25", "s25", ["--depth", "18"], SCHEDULE_S25, ("urban10",)),
+    },
 }
+JOBS: dict = {}  # the chosen plan
 
 
 def elapsed() -> float:
@@ -92,7 +125,7 @@ SMOKE = ["--depth", "2", "--features", "4", "--crop", "24", "--batch-size", "2",
 
 
 def train_cmd(name: str, a, out_dir: Path, extra: list[str]) -> list[str]:
-    program, _, args = JOBS[name]
+    program, args = JOBS[name]["program"], JOBS[name]["args"]
     return [PY, f"pipelines/{program}.py", "--data", str(a.images / "train400"), "--out", str(out_dir),
             "--device", a.device, "--threads", "2", "--num-workers", "2", "--no-progress", "--seed", "0"] + args + extra \
         + (SMOKE if a.smoke else [])
@@ -108,11 +141,14 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=25)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny models and epochs: a check of this script on a CPU")
+    ap.add_argument("--plan", choices=sorted(PLANS), default="shipped", help="which trainings (default: the shipped weights)")
+    ap.add_argument("--no-eval", action="store_true", help="train only (evaluate later, e.g. on the CPU)")
     a = ap.parse_args()
+    JOBS.update(PLANS[a.plan])
     runs, out = a.runs, a.out
     runs.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    info = {"window_s": a.window, "host": os.uname().nodename}
+    info = {"window_s": a.window, "host": os.uname().nodename, "plan": a.plan}
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20).stdout.strip()
@@ -122,16 +158,18 @@ def main() -> None:
     info.update(gpu=smi, torch=torch.__version__, python=sys.version.split()[0])
     say(f"GPU: {smi}; torch {torch.__version__}")
 
-    # 1. probe
+    # 1. probe (only the pairs without a fixed schedule)
+    to_probe = [n for n, j in JOBS.items() if j["schedule"] is None]
     procs = {}
-    for name, (_, _, args) in JOBS.items():
+    for name in to_probe:
+        args = JOBS[name]["args"]
         per_epoch = int(args[args.index("--batch-size") + 1]) * a.probe_steps
         cmd = train_cmd(name, a, runs / "probe" / name, ["--epochs", "1", "--samples-per-epoch", str(per_epoch)])
         procs[name] = launch(cmd, runs / "probe" / name / "stdout.log")
     codes = wait_all(procs, deadline=min(90.0, a.window / 4))
     probe_end = elapsed()
     speeds = {}
-    for name in JOBS:
+    for name in to_probe:
         log = runs / "probe" / name / "log.json"
         if codes[name] != 0 or not log.is_file():
             say(f"{name}: probe failed (exit {codes[name]}); last output:\n"
@@ -144,14 +182,20 @@ def main() -> None:
     pack(runs, out)
 
     # 2. train: every pair's epochs fit the window left before evaluation (with a start-up margin)
-    train_window = a.window - a.eval_seconds - probe_end - 25
+    eval_seconds = 0.0 if a.no_eval else a.eval_seconds
+    train_window = a.window - eval_seconds - probe_end - 25
     schedule = {}
-    for pair in sorted({p for _, p, _ in JOBS.values()}):
-        members = [n for n, (_, p, _) in JOBS.items() if p == pair]
+    for pair in sorted({j["pair"] for j in JOBS.values()}):
+        members = [n for n, j in JOBS.items() if j["pair"] == pair]
+        fixed = JOBS[members[0]]["schedule"]
+        if fixed is not None:
+            schedule[pair] = dict(fixed)
+            say(f"pair {pair}: fixed schedule, {fixed['epochs']} epochs, lr decay at {fixed['decay']}")
+            continue
         if not all(n in speeds for n in members):
             continue
-        steps = {n: int(JOBS[n][2][JOBS[n][2].index("--samples-per-epoch") + 1])
-                 // int(JOBS[n][2][JOBS[n][2].index("--batch-size") + 1]) for n in members}
+        steps = {n: int(JOBS[n]["args"][JOBS[n]["args"].index("--samples-per-epoch") + 1])
+                 // int(JOBS[n]["args"][JOBS[n]["args"].index("--batch-size") + 1]) for n in members}
         epoch_s = max(steps[n] * speeds[n]["step_s"] + speeds[n]["val_s"] for n in members)
         epochs = max(2, int(train_window // epoch_s))
         decay = sorted({max(2, round(0.7 * epochs) + 1), max(2, round(0.9 * epochs) + 1)})
@@ -161,14 +205,14 @@ def main() -> None:
             f"(probe: {epoch_s:.1f} s per epoch, window {train_window:.0f} s)")
     info["schedule"] = schedule
     procs = {}
-    for name, (_, pair, _) in JOBS.items():
-        if pair not in schedule:
+    for name, job in JOBS.items():
+        if job["pair"] not in schedule:
             continue
-        s = schedule[pair]
+        s = schedule[job["pair"]]
         extra = ["--epochs", str(s["epochs"]), "--lr-decay-epochs", *map(str, s["decay"]),
                  "--time-budget", f"{train_window + 10:.0f}", "--export", str(out / f"{name}.pt")]
         procs[name] = launch(train_cmd(name, a, runs / "train" / name, extra), runs / "train" / name / "stdout.log")
-    codes = wait_all(procs, deadline=a.window - a.eval_seconds + 20)
+    codes = wait_all(procs, deadline=a.window - eval_seconds + (20 if eval_seconds else -8))
     info["train_exit"] = codes
     for name in procs:  # a run killed before its export: ship its best checkpoint as it is
         best = runs / "train" / name / "best.pt"
@@ -184,25 +228,30 @@ def main() -> None:
     (runs / "driver.json").write_text(json.dumps(info, indent=2))
     pack(runs, out)
 
-    # 3. evaluate on the GPU, one process per (task, data) so that the CPU-side metrics run in parallel
+    # 3. evaluate on the GPU, one process per (task, noise level, data) so that the CPU-side metrics run in parallel
     d = a.images
     limit = ["--max-images", "1"] if a.smoke else []
     procs = {}
-    for sigma in ("25", "50"):
-        weights = [str(out / f"{m}-s{sigma}.pt") for m in ("n3net", "dncnn") if (out / f"{m}-s{sigma}.pt").is_file()]
-        for tag, sets in (("urban10", ["urban10"]), ("set12_bsd68", ["set12", "bsd68"])):
-            if weights:
-                cmd = [PY, "pipelines/eval_denoise.py", "--data", *[str(d / x) for x in sets], "--sigma", sigma,
+    groups: dict = {}
+    for name, job in JOBS.items():
+        if not a.no_eval and (out / f"{name}.pt").is_file():
+            groups.setdefault(job["eval"], []).append(str(out / f"{name}.pt"))
+    for spec, weights in sorted(groups.items()):
+        if spec[0] == "denoise":
+            _, sigma, sets = spec
+            split = [s for s in (("urban10",), tuple(x for x in sets if x != "urban10")) if set(s) & set(sets) and s]
+            for part in split:
+                tag = f"s{sigma}_{'_'.join(part)}"
+                cmd = [PY, "pipelines/eval_denoise.py", "--data", *[str(d / x) for x in part], "--sigma", sigma,
                        "--weights", *weights, "--device", a.device, "--quiet",
-                       "--json", str(runs / "eval" / f"denoise_s{sigma}_{tag}.json")] + limit
-                procs[f"eval-s{sigma}-{tag}"] = launch(cmd, runs / "eval" / f"denoise_s{sigma}_{tag}.log")
-    weights = [str(out / f"{m}.pt") for m in ("vdsr-x234", "n3net-sr-x234") if (out / f"{m}.pt").is_file()]
-    for scale in ("2", "3", "4"):
-        if weights:
-            cmd = [PY, "pipelines/eval_sr.py", "--data", str(d / "set5"), str(d / "set14"), str(d / "urban10"),
-                   "--scale", scale, "--weights", *weights, "--device", a.device, "--quiet",
-                   "--json", str(runs / "eval" / f"sr_x{scale}.json")] + limit
-            procs[f"eval-sr-x{scale}"] = launch(cmd, runs / "eval" / f"sr_x{scale}.log")
+                       "--json", str(runs / "eval" / f"denoise_{tag}.json")] + limit
+                procs[f"eval-{tag}"] = launch(cmd, runs / "eval" / f"denoise_{tag}.log")
+        else:
+            for scale in ("2", "3", "4"):
+                cmd = [PY, "pipelines/eval_sr.py", "--data", str(d / "set5"), str(d / "set14"), str(d / "urban10"),
+                       "--scale", scale, "--weights", *weights, "--device", a.device, "--quiet",
+                       "--json", str(runs / "eval" / f"sr_x{scale}.json")] + limit
+                procs[f"eval-sr-x{scale}"] = launch(cmd, runs / "eval" / f"sr_x{scale}.log")
     codes = wait_all(procs, deadline=a.window - 8)
     info["eval_exit"] = codes
     info["total_s"] = elapsed()
