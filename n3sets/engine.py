@@ -263,50 +263,119 @@ class BlockedCandidates:
         if self._range is not None and (self._range[0] < 0 or self._range[1] >= n):
             raise ValueError(f"BlockedCandidates: members must lie in [0, N={n})")
 
+    # consecutive blocks of one shape (the interior tiles of an image) are processed together, as
+    # one batched GEMM per step instead of one small GEMM per block: on a GPU the per-block path is
+    # bound by kernel launches. A group holds at most GROUP_ENTRIES distance entries per set of the
+    # batch on the dense path, and at most the ``chunk`` queries the chunked path asks for.
+    GROUP_ENTRIES = 1 << 21
+
     def auto_chunk(self, B: int, Q: int, N: int, E: int, F: int) -> int | None:
-        return None  # the blocks are the chunks
+        """Queries per chunk of the chunked path: groups of blocks up to ~2^22 distance entries in all."""
+        widest = max((m.numel() for m in self.members), default=1)
+        return max(1, (1 << 22) // (max(B, 1) * max(widest, 1)))
+
+    def _groups(self, chunk: int | None) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """``(start, stop, members (G, U), mask (G * Qb, U))`` of each group of equal-shape blocks."""
+        key = -1 if chunk is None else int(chunk)
+        cache = self.__dict__.setdefault("_group_cache", {})
+        if key in cache:
+            return cache[key]
+        groups, i, n = [], 0, len(self.members)
+        while i < n:
+            qb, u = self.starts[i + 1] - self.starts[i], self.members[i].numel()
+            j = i + 1
+            while (j < n and self.starts[j + 1] - self.starts[j] == qb and self.members[j].numel() == u
+                   and (j + 1 - i) * qb * max(u, 1) <= self.GROUP_ENTRIES and (chunk is None or (j + 1 - i) * qb <= chunk)):
+                j += 1
+            members = torch.stack(self.members[i:j]) if j > i + 1 else self.members[i].unsqueeze(0)
+            mask = torch.cat(self.masks[i:j]) if j > i + 1 else self.masks[i]
+            groups.append((self.starts[i], self.starts[j], members, mask))
+            i = j
+        cache[key] = groups
+        self.__dict__.setdefault("_by_range", {}).update({(g[0], g[1]): (g[2], g[3]) for g in groups})
+        return groups
 
     def chunks(self, Q: int, chunk: int | None) -> list[tuple[int, int]]:
-        return list(zip(self.starts[:-1], self.starts[1:]))
+        return [(g[0], g[1]) for g in self._groups(chunk)]
 
     # item-major (B, N, X), as IndexedCandidates: a block's union is a gather of contiguous rows
     prepare = staticmethod(IndexedCandidates.prepare)
     unprepare = staticmethod(IndexedCandidates.unprepare)
 
-    def _union(self, x, start):
-        return x.index_select(1, self.members[self._block[start]])  # (B, U, X)
+    def _group(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(members (G, U), mask (G * Qb, U))`` of the group of blocks ``start:stop``."""
+        found = self.__dict__.get("_by_range", {}).get((start, stop))
+        if found is not None:
+            return found
+        i = self._block[start]  # a single block asked for directly
+        return self.members[i].unsqueeze(0), self.masks[i]
+
+    def _union(self, x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """``(B * G, U, X)``: each block's candidates (``x`` item-major ``(B, N, X)``)."""
+        B, X = x.shape[0], x.shape[-1]
+        G, U = members.shape
+        return x.index_select(1, members.reshape(-1)).view(B * G, U, X)
 
     def distances(self, query: torch.Tensor, cand: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, Q_block, U)`` squared distances of a block's queries to its candidates, and the mask.
+        """``(B, Q_chunk, U)`` squared distances of a group's queries to their block's candidates, and the mask.
 
         ``query (B, Q, E)``, ``cand (B, N, E)`` (prepared).
         """
-        q, c = query[:, start:stop], self._union(cand, start)
+        members, mask = self._group(start, stop)
+        B, G, U = query.shape[0], members.shape[0], members.shape[1]
+        q = query[:, start:stop].reshape(B * G, (stop - start) // G, -1)
+        c = self._union(cand, members)
         # |q|^2 + |c|^2 - 2 q.c in one batched GEMM, as pairwise_sq_dist
         qq = (q * q).sum(-1).unsqueeze(-1)
         cc = (c * c).sum(-1).unsqueeze(-2)
         dist = torch.baddbmm(qq + cc, q, c.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
-        return dist, self.masks[self._block[start]].unsqueeze(0).expand_as(dist)
+        dist = dist.view(B, stop - start, U)
+        return dist, mask.unsqueeze(0).expand_as(dist)
 
     def weights(self, query: torch.Tensor, cand: torch.Tensor, temp: torch.Tensor | None, start: int, stop: int, k: int,
                 relaxation: str) -> torch.Tensor:
         dist, mask = self.distances(query, cand, start, stop)
         return _select(dist, None if temp is None else temp[:, start:stop], mask, k, relaxation)
 
-    def aggregate(self, W: torch.Tensor, feat: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    @staticmethod
+    def _per_block(W: torch.Tensor, G: int) -> torch.Tensor:
+        """``(B, k, G * Qb, U)`` -> ``(B * G, k * Qb, U)``."""
         B, k, Q, U = W.shape
-        vol = torch.bmm(W.reshape(B, k * Q, U), self._union(feat, start))  # (B, k*Q, F)
-        return vol.view(B, k, Q, -1).transpose(-1, -2)
+        if G == 1:
+            return W.reshape(B, k * Q, U)
+        return W.view(B, k, G, Q // G, U).transpose(1, 2).reshape(B * G, k * (Q // G), U)
+
+    @staticmethod
+    def _grad_per_block(g_vol: torch.Tensor, G: int) -> torch.Tensor:
+        """``(B, k, F, G * Qb)`` -> ``(B * G, k * Qb, F)``."""
+        B, k, F, Q = g_vol.shape
+        if G == 1:
+            return g_vol.transpose(-1, -2).reshape(B, k * Q, F)
+        return g_vol.view(B, k, F, G, Q // G).permute(0, 3, 1, 4, 2).reshape(B * G, k * (Q // G), F)
+
+    def aggregate(self, W: torch.Tensor, feat: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        members, _ = self._group(start, stop)
+        B, k, Q, U = W.shape
+        G = members.shape[0]
+        vol = torch.bmm(self._per_block(W, G), self._union(feat, members))  # (B * G, k * Qb, F)
+        if G == 1:
+            return vol.view(B, k, Q, -1).transpose(-1, -2)
+        return vol.view(B, G, k, Q // G, -1).permute(0, 2, 4, 1, 3).reshape(B, k, -1, Q)
 
     def add_feat_grad(self, g_feat: torch.Tensor, W: torch.Tensor, g_vol: torch.Tensor, start: int, stop: int) -> None:
-        B, k, Q, U = W.shape
-        gv = g_vol.transpose(-1, -2).reshape(B, k * Q, -1)  # (B, k*Q, F)
-        g_feat.index_add_(1, self.members[self._block[start]], torch.bmm(W.reshape(B, k * Q, U).transpose(1, 2), gv))
+        members, _ = self._group(start, stop)
+        B, G, U = W.shape[0], members.shape[0], members.shape[1]
+        g = torch.bmm(self._per_block(W, G).transpose(1, 2), self._grad_per_block(g_vol, G))  # (B * G, U, F)
+        g_feat.index_add_(1, members.reshape(-1), g.view(B, G * U, -1))
 
     def weight_grad(self, g_vol: torch.Tensor, feat: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        members, _ = self._group(start, stop)
         B, k, F, Q = g_vol.shape
-        gv = g_vol.transpose(-1, -2).reshape(B, k * Q, F)
-        return torch.bmm(gv, self._union(feat, start).transpose(1, 2)).view(B, k, Q, -1)
+        G, U = members.shape
+        gw = torch.bmm(self._grad_per_block(g_vol, G), self._union(feat, members).transpose(1, 2))  # (B * G, k * Qb, U)
+        if G == 1:
+            return gw.view(B, k, Q, U)
+        return gw.view(B, G, k, Q // G, U).transpose(1, 2).reshape(B, k, Q, U)
 
 
 def _chunk_volumes(layout, query, cand, temp, feat, start, stop, k, relaxation):

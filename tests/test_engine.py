@@ -272,6 +272,35 @@ def test_gradcheck_chunked_blocked():
     assert torch.autograd.gradcheck(fn, args)
 
 
+def test_blocked_groups_equal_blocks_and_matches_indexed():
+    """Consecutive equal-shape blocks run as one batched group; values and gradients are unchanged."""
+    gh, gw, window, tile = 20, 17, 5, 3
+    L = gh * gw
+    q, c, f, t = _inputs(2, 3, 2, L, L, seed=11, same=True)
+    ref = _run(q, c, f, t, 4, window_candidates(gh, gw, window), same=True, impl="dense")
+    order, layout = window_blocks(gh, gw, window, tile)
+    blocks = len(layout.starts) - 1
+    assert len(layout.chunks(L, None)) <= blocks // 2  # runs of equal interior tiles grouped
+    assert len(layout.chunks(L, 9)) == blocks  # at most 9 queries per chunk: one block of 3x3 each
+    for kw in ({"impl": "dense"}, {"impl": "chunked"}, {"impl": "chunked", "chunk_size": 9},
+               {"impl": "chunked", "chunk_size": 40}, {"impl": "chunked", "chunk_size": 10_000}):
+        _assert_same(_run(q, c, f, t, 4, layout, same=True, perm=order, **kw), ref)
+
+
+def test_gradcheck_grouped_blocks():
+    gh, gw, window, tile = 3, 3, 2, 1  # nine one-patch blocks with four candidates each: one group
+    L = gh * gw
+    q, c, f, t = _inputs(1, 2, 2, L, L, seed=12)
+    _, layout = window_blocks(gh, gw, window, tile)
+    assert len(layout.chunks(L, None)) == 1
+    args = tuple(x.clone().requires_grad_() for x in (q, c, f, t))
+
+    def fn(q, c, f, t):
+        return neighbour_volumes(q, c, f, t, 2, layout, impl="chunked", chunk_size=L)
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
 # ----------------------------------------------------------------------------- hard relaxation
 
 
