@@ -255,6 +255,8 @@ class BlockedCandidates:
         nonempty = [m for m in members if m.numel()]
         both = torch.cat(nonempty) if nonempty else None
         self._range = (int(both.min()), int(both.max())) if both is not None else None
+        self._group_cache: dict = {}  # chunk -> groups (see _groups)
+        self._by_range: dict = {}  # (start, stop) -> (members, mask) of every group built so far
 
     def check(self, query: torch.Tensor, cand: torch.Tensor, feat: torch.Tensor) -> None:
         if self.starts[-1] != query.shape[-1]:
@@ -277,9 +279,8 @@ class BlockedCandidates:
     def _groups(self, chunk: int | None) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """``(start, stop, members (G, U), mask (G * Qb, U))`` of each group of equal-shape blocks."""
         key = -1 if chunk is None else int(chunk)
-        cache = self.__dict__.setdefault("_group_cache", {})
-        if key in cache:
-            return cache[key]
+        if key in self._group_cache:
+            return self._group_cache[key]
         groups, i, n = [], 0, len(self.members)
         while i < n:
             qb, u = self.starts[i + 1] - self.starts[i], self.members[i].numel()
@@ -291,8 +292,8 @@ class BlockedCandidates:
             mask = torch.cat(self.masks[i:j]) if j > i + 1 else self.masks[i]
             groups.append((self.starts[i], self.starts[j], members, mask))
             i = j
-        cache[key] = groups
-        self.__dict__.setdefault("_by_range", {}).update({(g[0], g[1]): (g[2], g[3]) for g in groups})
+        self._group_cache[key] = groups
+        self._by_range.update({(g[0], g[1]): (g[2], g[3]) for g in groups})
         return groups
 
     def chunks(self, Q: int, chunk: int | None) -> list[tuple[int, int]]:
@@ -304,7 +305,7 @@ class BlockedCandidates:
 
     def _group(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(members (G, U), mask (G * Qb, U))`` of the group of blocks ``start:stop``."""
-        found = self.__dict__.get("_by_range", {}).get((start, stop))
+        found = self._by_range.get((start, stop))
         if found is not None:
             return found
         i = self._block[start]  # a single block asked for directly
