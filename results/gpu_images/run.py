@@ -84,6 +84,12 @@ PLANS = {
 JOBS: dict = {}  # the chosen plan
 
 
+def flag(name: str, option: str) -> int:
+    """The integer value of ``option`` in job ``name``'s arguments."""
+    args = JOBS[name]["args"]
+    return int(args[args.index(option) + 1])
+
+
 def elapsed() -> float:
     return time.time() - START
 
@@ -162,8 +168,7 @@ def main() -> None:
     to_probe = [n for n, j in JOBS.items() if j["schedule"] is None]
     procs = {}
     for name in to_probe:
-        args = JOBS[name]["args"]
-        per_epoch = int(args[args.index("--batch-size") + 1]) * a.probe_steps
+        per_epoch = flag(name, "--batch-size") * a.probe_steps
         cmd = train_cmd(name, a, runs / "probe" / name, ["--epochs", "1", "--samples-per-epoch", str(per_epoch)])
         procs[name] = launch(cmd, runs / "probe" / name / "stdout.log")
     codes = wait_all(procs, deadline=min(90.0, a.window / 4))
@@ -194,8 +199,7 @@ def main() -> None:
             continue
         if not all(n in speeds for n in members):
             continue
-        steps = {n: int(JOBS[n]["args"][JOBS[n]["args"].index("--samples-per-epoch") + 1])
-                 // int(JOBS[n]["args"][JOBS[n]["args"].index("--batch-size") + 1]) for n in members}
+        steps = {n: flag(n, "--samples-per-epoch") // flag(n, "--batch-size") for n in members}
         epoch_s = max(steps[n] * speeds[n]["step_s"] + speeds[n]["val_s"] for n in members)
         epochs = max(2, int(train_window // epoch_s))
         decay = sorted({max(2, round(0.7 * epochs) + 1), max(2, round(0.9 * epochs) + 1)})
