@@ -111,12 +111,13 @@ def model_logits(model: torch.nn.Module, pair: Mapping) -> torch.Tensor:
     return model(x)[0]
 
 
-def eight_point_pose(x1: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor, inliers: torch.Tensor):
+def eight_point_pose(x1: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor, inliers: torch.Tensor,
+                     normalize: bool = False):
     """Pose of one pair from weighted matches (:func:`n3sets.twoview.pose_from_weights` on ``(N, 2)`` inputs).
 
     Returns ``(R (3, 3), t (3,), ok)``.
     """
-    _, R, t, ok = pose_from_weights(x1[None], x2[None], weights[None], inliers=inliers[None])
+    _, R, t, ok = pose_from_weights(x1[None], x2[None], weights[None], inliers=inliers[None], normalize=normalize)
     return R[0], t[0], bool(ok[0])
 
 

@@ -69,6 +69,7 @@ def pose_from_weights(
     weights: torch.Tensor,
     inliers: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    normalize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Relative pose from weighted matches, without RANSAC (batched): the one definition.
 
@@ -81,6 +82,10 @@ def pose_from_weights(
         inliers: ``(B, N)`` bool, the matches that vote in the cheirality test (default:
             ``weights > 0``).
         mask: ``(B, N)`` bool, False for padding (default: all valid).
+        normalize: weighted Hartley normalisation in the eight-point solve. Off in the one
+            definition: on validation it helped weak classifiers and hurt strong ones
+            (``results/scenes8/README.md``, "What limits the pose without RANSAC");
+            ``diagnose_corr.py`` reports both.
 
     Returns:
         ``E (B, 3, 3)``, ``R (B, 3, 3)``, ``t (B, 3)``, ``ok (B,)``: ``ok`` is False where fewer
@@ -95,7 +100,7 @@ def pose_from_weights(
     weights = weights * mask.to(weights.dtype)
     support = (weights > 0) & mask
     inliers = (support if inliers is None else inliers) & mask
-    E = weighted_eight_point(x1, x2, weights, mask)
+    E = weighted_eight_point(x1, x2, weights, mask, normalize=normalize)
     R, t, ok = recover_pose(E, x1, x2, mask=inliers)
     enough = torch.tensor([distinct_matches(x1[b][support[b]], x2[b][support[b]]) >= MIN_MATCHES
                            for b in range(x1.shape[0])], dtype=torch.bool, device=ok.device)

@@ -8,12 +8,15 @@ weightings, recovers the pose by the cheirality test and reports mAP5/10/20 (err
 ``eval_corr.py``; a failed pair counts as 180 degrees):
 
 - ``labels``: the ground-truth labels as 0/1 weights. The ceiling of any classifier with this
-  estimator and these labels.
+  estimator and these labels. ``labels|hartley``: the same with the Hartley-normalised solve.
 - ``<model>``: the model's weights relu(tanh(logit)), exactly as ``eval_corr.py`` uses them.
 - ``<model>|inliers``: the model's weights with every ground-truth outlier set to 0. The gap
   to ``<model>`` is what the weight the model leaves on outliers costs.
 - ``<model>|binary``: the model's inlier mask (logit > 0) as 0/1 weights: what the graded weights
   add over the hard decision.
+- ``<model>|hartley``: the model's weights with a weighted Hartley normalisation of the
+  coordinates before the solve: how much of the error is the conditioning of the linear system
+  rather than the weights.
 
 Plus, per model, the share of the total weight that falls on ground-truth outliers (median and
 mean over pairs). This is a diagnostic for the validation split: do not use it to choose settings
@@ -41,17 +44,17 @@ from n3sets.training import torch_threads
 PROGRAM = "diagnose_corr.py"
 
 
-def eight_point_error(x1, x2, weights, mask, R_gt, t_gt) -> float:
+def eight_point_error(x1, x2, weights, mask, R_gt, t_gt, normalize: bool = False) -> float:
     """Pose error (degrees) of the weighted eight-point E as eval_corr.py computes it; 180 on failure."""
-    R, t, ok = eight_point_pose(x1, x2, weights, mask)
+    R, t, ok = eight_point_pose(x1, x2, weights, mask, normalize=normalize)
     return float(pose_error(R, t, R_gt, t_gt)) if ok else FAILED_POSE_ERROR
 
 
 def diagnose(dataset, models: dict, max_pairs: int | None = None) -> dict:
-    errors: dict[str, list[float]] = {"labels": []}
+    errors: dict[str, list[float]] = {"labels": [], "labels|hartley": []}
     shares: dict[str, list[float]] = {name: [] for name in models}
     for name in models:
-        for suffix in ("", "|inliers", "|binary"):
+        for suffix in ("", "|inliers", "|binary", "|hartley"):
             errors[name + suffix] = []
     n = len(dataset) if max_pairs is None else min(max_pairs, len(dataset))
     for i in range(n):
@@ -61,12 +64,14 @@ def diagnose(dataset, models: dict, max_pairs: int | None = None) -> dict:
         label = torch.as_tensor(pair["label"]).bool()
         R_gt, t_gt = torch.as_tensor(pair["R"]).double(), torch.as_tensor(pair["t"]).double().reshape(3)
         errors["labels"].append(eight_point_error(x1, x2, label.double(), label, R_gt, t_gt))
+        errors["labels|hartley"].append(eight_point_error(x1, x2, label.double(), label, R_gt, t_gt, normalize=True))
         for name, model in models.items():
             logits = model_logits(model, pair).double()
             w, pred = logits_to_weights(logits), logits > 0
             errors[name].append(eight_point_error(x1, x2, w, pred, R_gt, t_gt))
             errors[name + "|inliers"].append(eight_point_error(x1, x2, w * label, pred & label, R_gt, t_gt))
             errors[name + "|binary"].append(eight_point_error(x1, x2, pred.double(), pred, R_gt, t_gt))
+            errors[name + "|hartley"].append(eight_point_error(x1, x2, w, pred, R_gt, t_gt, normalize=True))
             total = float(w.sum())
             shares[name].append(float(w[~label].sum()) / total if total > 0 else float("nan"))
     methods = {}

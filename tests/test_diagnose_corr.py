@@ -54,6 +54,10 @@ def test_outlier_weight_is_measured_and_its_cost_isolated(data):
     assert m["leaky"]["outlier_weight_share_mean"] == pytest.approx(sum(expect) / len(expect), rel=1e-5)
     assert m["leaky|inliers"]["mAP5"] == 1.0
     assert m["leaky"]["median_error_deg"] > 5 * m["leaky|inliers"]["median_error_deg"]
+    # the Hartley-normalised solve is a different estimator on the same weights: exact on clean
+    # weights, a different (not identical) error where outliers carry weight
+    assert m["clean|hartley"]["mAP5"] == 1.0 and m["labels|hartley"]["mAP5"] == 1.0
+    assert m["leaky|hartley"]["median_error_deg"] != m["leaky"]["median_error_deg"]
 
 
 def test_cli_writes_json(data, tmp_path):
@@ -69,7 +73,7 @@ def test_cli_writes_json(data, tmp_path):
                      "--max-pairs", "2"])
     saved = json.loads((tmp_path / "d.json").read_text())
     assert saved["num_pairs"] == 2 == out["num_pairs"]
-    assert set(saved["methods"]) == {"labels", "tiny", "tiny|inliers", "tiny|binary"}
+    assert set(saved["methods"]) == {"labels", "labels|hartley", "tiny", "tiny|inliers", "tiny|binary", "tiny|hartley"}
     assert 0.0 <= saved["methods"]["tiny"]["outlier_weight_share_median"] <= 1.0
     assert saved["command"].startswith("python pipelines/diagnose_corr.py --data")
 
