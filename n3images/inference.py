@@ -27,7 +27,7 @@ def _tiles(n: int, tile: int, align: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def tiled_apply(model: torch.nn.Module, x: torch.Tensor, tile: int | None = DEFAULT_TILE,
-                progress: Callable[[int, int], object] | None = None) -> torch.Tensor:
+                progress: Callable[[int, int], object] | None = None, **model_kwargs: object) -> torch.Tensor:
     """``model`` applied to ``x (B, C, H, W)`` tile by tile; ``(B, C', H, W)``.
 
     Args:
@@ -37,13 +37,15 @@ def tiled_apply(model: torch.nn.Module, x: torch.Tensor, tile: int | None = DEFA
         tile: core tile side (rounded down to a multiple of ``grid_stride``); None or a tile at
             least the image size: one pass.
         progress: optional callable ``progress(done, total)`` called after every tile.
+        model_kwargs: passed to every ``model(tile, **model_kwargs)`` call (e.g. ``scale=`` of
+            the SR models).
     """
     if x.dim() != 4:
         raise ValueError(f"tiled_apply: x must have shape (B, C, H, W), got {tuple(x.shape)}")
     H, W = x.shape[-2:]
     halo, align = int(getattr(model, "halo", 0)), int(getattr(model, "grid_stride", 1))
     if tile is None or (tile >= H and tile >= W):
-        out = model(x)
+        out = model(x, **model_kwargs)
         if progress:
             progress(1, 1)
         return out
@@ -57,7 +59,7 @@ def tiled_apply(model: torch.nn.Module, x: torch.Tensor, tile: int | None = DEFA
         for c0, c1 in cols:
             a0, a1 = max(0, r0 - halo), min(H, r1 + halo)
             b0, b1 = max(0, c0 - halo), min(W, c1 + halo)
-            y = model(x[..., a0:a1, b0:b1])
+            y = model(x[..., a0:a1, b0:b1], **model_kwargs)
             if out is None:
                 out = y.new_empty(x.shape[0], y.shape[1], H, W)
             out[..., r0:r1, c0:c1] = y[..., r0 - a0:r1 - a0, c0 - b0:c1 - b0]

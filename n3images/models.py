@@ -25,6 +25,8 @@ without their own skips, N3 blocks (k = 7) between them, and one global residual
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -199,14 +201,15 @@ class N3NetDenoiser(nn.Module):
     def grid_stride(self) -> int:
         return max([b.conf["stride"] for b in self.blocks] or [1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temperature_scale: float = 1.0) -> torch.Tensor:
+        """``temperature_scale``: multiplies the temperatures of every N3 block (1: as trained)."""
         _check_image(x, self.conf["channels"], type(self).__name__)
         guide = x if self.conf["match_on"] == "input" else None
         h = x
         for i, stage in enumerate(self.stages):
             h = stage(h)
             if i < len(self.blocks):
-                h = self.blocks[i](h, guide)
+                h = self.blocks[i](h, guide, temperature_scale)
         return h + x if self.conf["residual"] == "global" else h
 
     def extra_repr(self) -> str:
@@ -236,7 +239,8 @@ class VDSR(nn.Module):
     def grid_stride(self) -> int:
         return 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+        """``scale`` is accepted so that every SR model takes the same call; VDSR does not use it."""
         _check_image(x, self.conf["channels"], "VDSR")
         return self.stage(x)
 
@@ -249,10 +253,36 @@ class N3NetSR(N3NetDenoiser):
     global residual; ``(B, 1, H, W)`` bicubic luma -> ``(B, 1, H, W)``.
 
     The configuration keys are :class:`N3NetDenoiser`'s, with VDSR stages (``batch_norm=False``)
-    and ``residual="global"`` by default.
+    and ``residual="global"`` by default, plus ``scale_temperature``: ``{"2": f2, "3": f3, ...}``,
+    the factor by which the N3 blocks' temperatures are multiplied when :meth:`forward` is told
+    the upscaling factor (missing scales and ``scale=None``: 1, the network as trained). One model
+    serves every scale, but its temperature CNN sees only the bicubic image, not the scale; the
+    factors are a per-scale calibration chosen on validation images after training
+    (``pipelines/calibrate_sr.py``, :func:`n3images.sr.calibrate_temperature`).
     """
 
-    default_conf = {**N3NetDenoiser.default_conf, "depth": 7, "batch_norm": False, "residual": "global"}
+    default_conf = {**N3NetDenoiser.default_conf, "depth": 7, "batch_norm": False, "residual": "global",
+                    "scale_temperature": {}}
+
+    def __init__(self, conf: dict | None = None, **kwargs: object):
+        super().__init__(conf, **kwargs)
+        table = self.conf["scale_temperature"]
+        if not isinstance(table, dict):
+            raise ValueError(f"N3NetSR: scale_temperature must be a dict {{scale: factor}}, got {table!r}")
+        for key, factor in table.items():
+            if not (str(key).isdigit() and int(key) >= 2):
+                raise ValueError(f"N3NetSR: scale_temperature key {key!r} is not an integer scale >= 2")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (math.isfinite(factor) and factor > 0):
+                raise ValueError(f"N3NetSR: scale_temperature[{key!r}] must be a positive number, got {factor!r}")
+        self.conf["scale_temperature"] = {str(int(k)): float(v) for k, v in table.items()}
+
+    def temperature_scale(self, scale: int | None) -> float:
+        """The temperature factor used at ``scale`` (1.0 for None or an uncalibrated scale)."""
+        return 1.0 if scale is None else self.conf["scale_temperature"].get(str(int(scale)), 1.0)
+
+    def forward(self, x: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+        """``x (B, 1, H, W)`` bicubic luma -> ``(B, 1, H, W)``; ``scale`` picks the calibrated temperature."""
+        return super().forward(x, temperature_scale=self.temperature_scale(scale))
 
 
 #: denoisers by the name ``train_denoise.py --model`` takes

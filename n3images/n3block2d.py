@@ -16,6 +16,8 @@ negative patch distances pass a one-channel batch norm before the division by th
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -221,13 +223,19 @@ class N3Block2d(nn.Module):
                 raise ValueError(f"N3Block2d: guide must have shape (B, C', H, W) with B, H, W of x "
                                  f"{tuple(x.shape)}, got {tuple(guide.shape)}")
 
-    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None,
+                temperature_scale: float = 1.0) -> torch.Tensor:
         """``x (B, C, H, W)`` -> ``(B, (k + 1) * C, H, W)``.
 
         ``guide`` (``(B, C', H, W)``, only with ``embed="none"``): the image whose patches are
         matched instead of the block input's (e.g. the noisy network input).
+        ``temperature_scale``: every temperature multiplied by this positive factor (above 1:
+        softer neighbour weights; an inference-time calibration, e.g. per SR scale); ignored by
+        the hard relaxation, which has no temperature.
         """
         self._check(x, guide)
+        if not (math.isfinite(temperature_scale) and temperature_scale > 0):
+            raise ValueError(f"N3Block2d: temperature_scale must be a positive finite number, got {temperature_scale}")
         c = self.conf
         p, s, k = c["patch_size"], c["stride"], self.k
         B, C, H, W = x.shape
@@ -251,6 +259,8 @@ class N3Block2d(nn.Module):
             temp = positive_temperature(patch_centres(t_map, p, s), c["init_temperature"]).index_select(-1, order)
             if self.distance_norm is not None:
                 temp = self.distance_norm.effective_temperature(temp, emb, layout, None)
+            if temperature_scale != 1.0:
+                temp = temp * temperature_scale
         vol = neighbour_volumes(emb, emb, feat, temp, k, layout, impl=impl, relaxation=c["relaxation"])
         # back in grid order (rows of the (B, k, L, C*p*p) view): (B, k, C*p*p, L)
         vol = vol.transpose(-1, -2).index_select(2, torch.argsort(order)).transpose(-1, -2)

@@ -31,7 +31,8 @@ from .metrics import modcrop, psnr, rgb_to_y, rgb_to_ycbcr, shave, ssim, ycbcr_t
 from .resize import imresize, resize_batch
 
 __all__ = ["SCALES", "check_scale", "to_luma", "from_luma", "downscale", "bicubic_up", "degrade", "degrade_batch",
-           "quantize8", "sr_scores", "super_resolve", "upscale_image", "prepare_ground_truth"]
+           "quantize8", "sr_scores", "super_resolve", "upscale_image", "prepare_ground_truth", "validation_pairs",
+           "calibrate_temperature", "DEFAULT_FACTORS"]
 
 SCALES = (2, 3, 4)
 _Y_LO, _Y_SPAN = 16.0 / 255.0, 219.0 / 255.0  # Y of black, and of white minus black
@@ -123,8 +124,12 @@ def sr_scores(out_y, hr_y, scale: int, quantize: bool = True) -> tuple[float, fl
 
 def super_resolve(model: torch.nn.Module, bicubic_y: np.ndarray, tile: int | None = DEFAULT_TILE,
                   device: str | torch.device | None = None,
-                  progress: Callable[[int, int], object] | None = None) -> np.ndarray:
-    """The model's high-resolution luma from the bicubic luma ``(H, W)``; float32 ``(H, W)``, not clipped."""
+                  progress: Callable[[int, int], object] | None = None, scale: int | None = None) -> np.ndarray:
+    """The model's high-resolution luma from the bicubic luma ``(H, W)``; float32 ``(H, W)``, not clipped.
+
+    ``scale``: the upscaling factor of ``bicubic_y``, passed to the model (N3Net-SR uses its
+    calibrated temperature at that scale, :class:`n3images.models.N3NetSR`); None: as trained.
+    """
     arr = np.asarray(bicubic_y, dtype=np.float32)
     if arr.ndim != 2 or arr.size == 0:
         raise ValueError(f"super_resolve: the luma must be a non-empty (H, W) array, got shape {arr.shape}")
@@ -132,7 +137,8 @@ def super_resolve(model: torch.nn.Module, bicubic_y: np.ndarray, tile: int | Non
         raise ValueError("super_resolve: the image holds NaN or infinite values")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(arr))[None, None].to(device)
-    return tiled_apply(model, x, tile, progress)[0, 0].cpu().numpy()
+    kwargs = {} if scale is None else {"scale": check_scale(scale)}
+    return tiled_apply(model, x, tile, progress, **kwargs)[0, 0].cpu().numpy()
 
 
 def upscale_image(model: torch.nn.Module | None, img: np.ndarray, scale: int, tile: int | None = DEFAULT_TILE,
@@ -153,7 +159,7 @@ def upscale_image(model: torch.nn.Module | None, img: np.ndarray, scale: int, ti
     ycc = rgb_to_ycbcr(img.astype(np.float64)) if img.ndim == 3 else to_luma(img)[..., None]
     up = bicubic_up(ycc, scale)  # every channel bicubic
     if model is not None:
-        up[..., 0] = super_resolve(model, up[..., 0], tile, device, progress)
+        up[..., 0] = super_resolve(model, up[..., 0], tile, device, progress, scale=scale)
     out = ycbcr_to_rgb(up) if img.ndim == 3 else from_luma(up[..., 0])
     return np.clip(out, 0.0, 1.0)
 
@@ -161,3 +167,61 @@ def upscale_image(model: torch.nn.Module | None, img: np.ndarray, scale: int, ti
 def prepare_ground_truth(img: np.ndarray, scale: int) -> np.ndarray:
     """The evaluation ground truth of an image: its 8-bit luma, cropped to a multiple of ``scale``."""
     return to_luma(modcrop(np.asarray(img), check_scale(scale)), quantize=True)
+
+
+def validation_pairs(luma_images, scales) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """``(network input float32, ground truth float64, scale)`` for every luma image and scale:
+    the validation of ``train_sr.py`` (the ground truth cropped to a multiple of the scale)."""
+    pairs = []
+    for img in luma_images:
+        for s in scales:
+            hr = modcrop(np.asarray(img, dtype=np.float64), check_scale(s))
+            pairs.append((degrade(hr, s)[1].astype(np.float32), hr, s))
+    return pairs
+
+
+#: temperature factors tried by :func:`calibrate_temperature` (1.0, the trained network, always is)
+DEFAULT_FACTORS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)
+
+
+@torch.no_grad()
+def calibrate_temperature(model: torch.nn.Module, luma_images, scales=SCALES, factors=DEFAULT_FACTORS,
+                          device: str | torch.device | None = None,
+                          progress: Callable[[str], object] | None = None) -> dict:
+    """Choose, per scale, the factor on the N3 blocks' temperatures that maximises the mean
+    validation PSNR (:func:`validation_pairs`, :func:`sr_scores`) of an N3Net-SR.
+
+    The model is left unchanged: the caller stores the result in ``conf["scale_temperature"]``.
+    A tie keeps the factor nearest to 1 (in ratio). Returns ``{"factors": [...], "scales":
+    {"2": {"psnr": {factor: dB}, "best": factor, "gain_db": best - as trained}, ...}}``.
+    """
+    table = getattr(model, "conf", {}).get("scale_temperature")
+    if not isinstance(table, dict):
+        raise ValueError(f"calibrate_temperature: {type(model).__name__} has no N3 block temperatures to calibrate "
+                         "(an N3Net-SR model is needed)")
+    factors = sorted({float(f) for f in factors} | {1.0})
+    if any(not (np.isfinite(f) and f > 0) for f in factors):
+        raise ValueError(f"calibrate_temperature: factors must be positive numbers, got {factors}")
+    pairs = validation_pairs(luma_images, scales)
+    if not pairs:
+        raise ValueError("calibrate_temperature: no validation images")
+    saved = dict(table)
+    result = {"factors": factors, "num_images": len(pairs) // len(scales), "scales": {}}
+    try:
+        for s in scales:
+            key = str(check_scale(s))
+            mean = {}
+            for f in factors:
+                table[key] = f
+                scores = [sr_scores(super_resolve(model, inp, tile=None, device=device, scale=s), hr, s)[0]
+                          for inp, hr, sc in pairs if sc == s]
+                mean[f] = float(np.mean(scores))
+                if progress:
+                    progress(f"x{s} factor {f:g}: {mean[f]:.3f} dB")
+            best = max(factors, key=lambda f: (round(mean[f], 6), -abs(np.log(f))))
+            result["scales"][key] = {"psnr": {f"{f:g}": mean[f] for f in factors}, "best": best,
+                                     "gain_db": mean[best] - mean[1.0]}
+    finally:
+        table.clear()
+        table.update(saved)
+    return result

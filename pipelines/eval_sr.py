@@ -126,7 +126,7 @@ def evaluate_scale(images, scale: int, models: dict, save_dir: Path | None, file
         outputs = {"bicubic": (bicubic, t_bicubic)}
         for name, model in models.items():
             t0 = time.perf_counter()
-            y = super_resolve(model, bicubic, tile=tile, device=device)
+            y = super_resolve(model, bicubic, tile=tile, device=device, scale=scale)
             outputs[name] = (y, t_bicubic + time.perf_counter() - t0)
         for name, (y, seconds) in outputs.items():
             key = f"{name}@x{scale}"

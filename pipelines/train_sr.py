@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from n3images import WEIGHTS_DIR
-from n3images.metrics import modcrop
 from n3images.models import SR_MODELS
-from n3images.sr import degrade, degrade_batch, sr_scores, to_luma
+from n3images.sr import degrade_batch, sr_scores, to_luma
+from n3images.sr import validation_pairs as sr_validation_pairs
 from n3images.training import BASE_CSV_FIELDS, ImageTask, add_common_arguments, check_common_arguments, run_training
 
 DEFAULT_SCALES = (2, 3, 4)
@@ -75,14 +75,8 @@ def prepare_images(images: list[np.ndarray], args) -> list[np.ndarray]:
 
 def validation_pairs(images: list[np.ndarray], args) -> list[tuple[torch.Tensor, torch.Tensor, str]]:
     """(bicubic input, ground truth, "x<scale>") for every validation image and scale."""
-    pairs = []
-    for img in images:
-        for s in args.scales:
-            hr = modcrop(img.astype(np.float64), s)
-            _, inp = degrade(hr, s)
-            pairs.append((torch.from_numpy(inp.astype(np.float32))[None, None],
-                          torch.from_numpy(hr.astype(np.float32))[None, None], f"x{s}"))
-    return pairs
+    return [(torch.from_numpy(inp)[None, None], torch.from_numpy(hr.astype(np.float32))[None, None], f"x{s}")
+            for inp, hr, s in sr_validation_pairs(images, args.scales)]
 
 
 def score(out: torch.Tensor, target: torch.Tensor, tag: str) -> tuple[float, float]:

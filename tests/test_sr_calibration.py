@@ -1,0 +1,153 @@
+"""Per-scale temperature calibration of N3Net-SR: the block/model plumbing, the search and calibrate_sr.py."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from n3images.io import write_image
+from n3images.models import N3NetDenoiser, N3NetSR, VDSR
+from n3images.n3block2d import N3Block2d
+from n3images.sr import calibrate_temperature, degrade, sr_scores, super_resolve, to_luma, upscale_image
+from n3sets.pretrained import load_model, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+SMALL_BLOCK = {"patch_size": 4, "stride": 2, "window": 5}
+
+
+def _tiny(seed=2, **conf):
+    torch.manual_seed(seed)
+    return N3NetSR(depth=3, features=8, k=2, block=SMALL_BLOCK, **conf).eval()
+
+
+def _load_program():
+    spec = importlib.util.spec_from_file_location("calibrate_sr_prog", ROOT / "pipelines" / "calibrate_sr.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _images(n=3, h=30, w=34, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    return [np.clip(0.5 + 0.3 * np.sin(xx / (2 + i) + yy / 3) + rng.normal(0, 0.03, (h, w)), 0, 1).astype(np.float32)
+            for i in range(n)]
+
+
+def test_block_temperature_scale_is_a_multiplier_and_checked():
+    torch.manual_seed(0)
+    block = N3Block2d(3, k=2, **SMALL_BLOCK).eval()
+    x = torch.rand(1, 3, 14, 12)
+    with torch.no_grad():
+        base = block(x)
+        assert torch.equal(block(x, temperature_scale=1.0), base)
+        hot = block(x, temperature_scale=1e6)
+        # an almost infinite temperature: every neighbour volume is the same (uniform) average
+        vols = hot[:, 3:].reshape(1, 2, 3, 14, 12)
+        torch.testing.assert_close(vols[:, 0], vols[:, 1], rtol=0, atol=1e-4)
+        assert not torch.allclose(block(x, temperature_scale=0.3), base)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature_scale"):
+            block(x, temperature_scale=bad)
+    hard = N3Block2d(3, k=2, relaxation="hard", **SMALL_BLOCK).eval()
+    with torch.no_grad():
+        assert torch.equal(hard(x, temperature_scale=5.0), hard(x))  # no temperature to scale
+
+
+def test_n3netsr_uses_the_factor_of_the_scale_it_is_told():
+    model = _tiny(scale_temperature={"2": 3.0, 4: 0.5})
+    assert model.conf["scale_temperature"] == {"2": 3.0, "4": 0.5}
+    x = torch.rand(1, 1, 20, 18)
+    with torch.no_grad():
+        plain = model(x)
+        assert torch.equal(model(x, scale=3), plain)       # not calibrated: as trained
+        assert torch.equal(model(x, scale=None), plain)
+        torch.testing.assert_close(model(x, scale=2), N3NetDenoiser.forward(model, x, temperature_scale=3.0),
+                                   rtol=0, atol=0)
+        assert not torch.allclose(model(x, scale=2), plain)
+        vdsr = VDSR(depth=3, features=4).eval()
+        assert torch.equal(vdsr(x, scale=2), vdsr(x))  # VDSR takes the argument and ignores it
+    for bad, match in (({"1": 2.0}, "integer scale"), ({"x2": 2.0}, "integer scale"), ({"2": 0.0}, "positive"),
+                       ({"2": "hot"}, "positive"), ([2.0], "dict")):
+        with pytest.raises(ValueError, match=match):
+            N3NetSR(depth=3, features=8, k=2, block=SMALL_BLOCK, scale_temperature=bad)
+
+
+def test_super_resolve_and_upscale_pass_the_scale_through_tiles(tmp_path):
+    model = _tiny(scale_temperature={"2": 4.0})
+    hr = to_luma(_images(1, 40, 36)[0], quantize=True)
+    inp = degrade(hr, 2)[1]
+    untiled = super_resolve(model, inp, tile=None, scale=2)
+    assert np.array_equal(super_resolve(model, inp, tile=16, scale=2), untiled)
+    assert not np.array_equal(super_resolve(model, inp, tile=None), untiled)
+    # a saved calibrated model keeps its factors; upscale_image tells it the scale
+    path = save_model(tmp_path / "cal.pt", model, scales=[2])
+    loaded = load_model(path)
+    assert loaded.conf["scale_temperature"] == {"2": 4.0}
+    rgb = np.stack([_images(1, 20, 18)[0]] * 3, axis=2)
+    a = upscale_image(loaded, rgb, 2, tile=None)
+    loaded.conf["scale_temperature"] = {}
+    assert not np.array_equal(upscale_image(loaded, rgb, 2, tile=None), a)
+
+
+def test_calibrate_temperature_picks_the_best_mean_psnr_and_leaves_the_model():
+    model = _tiny(scale_temperature={"3": 7.0})
+    lumas = [to_luma(img, quantize=True) for img in _images()]
+    res = calibrate_temperature(model, lumas, scales=(2, 3), factors=(0.2, 5.0))
+    assert res["factors"] == [0.2, 1.0, 5.0] and res["num_images"] == 3
+    assert model.conf["scale_temperature"] == {"3": 7.0}  # restored
+    for s in (2, 3):
+        r = res["scales"][str(s)]
+        # recompute every factor's mean PSNR by hand
+        for f in res["factors"]:
+            psnrs = []
+            for img in lumas:
+                hr = img[: img.shape[0] - img.shape[0] % s, : img.shape[1] - img.shape[1] % s].astype(np.float64)
+                out = N3NetDenoiser.forward(model, torch.from_numpy(degrade(hr, s)[1].astype(np.float32))[None, None],
+                                            temperature_scale=f)
+                psnrs.append(sr_scores(out[0, 0].detach().numpy(), hr, s)[0])
+            assert r["psnr"][f"{f:g}"] == pytest.approx(float(np.mean(psnrs)), abs=1e-9)
+        assert r["psnr"][f"{r['best']:g}"] == max(r["psnr"].values())
+        assert r["gain_db"] == pytest.approx(max(r["psnr"].values()) - r["psnr"]["1"])
+    with pytest.raises(ValueError, match="N3Net-SR"):
+        calibrate_temperature(VDSR(depth=3, features=4), lumas)
+
+
+def test_calibrate_sr_program_exports_and_refuses_bad_input(tmp_path, capsys):
+    prog = _load_program()
+    data = tmp_path / "train"
+    for i, img in enumerate(_images(4)):
+        write_image(data / f"im{i}.png", img)
+    weights = save_model(tmp_path / "n3.pt", _tiny(), scales=[2, 3])
+    out = prog.main(["--weights", str(weights), "--data", str(data), "--val-count", "2", "--scales", "2", "3",
+                     "--factors", "0.5", "2", "--export", str(tmp_path / "cal.pt"), "--json", str(tmp_path / "c.json"),
+                     "--device", "cpu"])
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["images"] == ["im2.png", "im3.png"] and set(saved["scales"]) == {"2", "3"}
+    cal = load_model(tmp_path / "cal.pt")
+    assert cal.conf["scale_temperature"] == {k: float(v) for k, v in out["scale_temperature"].items()}
+    assert cal.meta["temperature_calibration"]["images"] == ["im2.png", "im3.png"]
+    assert cal.meta["scales"] == [2, 3]  # the original meta is kept
+    for k, v in load_model(weights).state_dict().items():
+        assert torch.equal(cal.state_dict()[k], v)
+
+    vdsr = save_model(tmp_path / "vdsr.pt", VDSR(depth=3, features=4))
+    cases = [
+        (["--weights", str(weights), "--data", str(data), "--export", str(tmp_path / "cal.pt")], "exists"),
+        (["--weights", str(weights), "--data", str(data), "--export", str(weights), "--overwrite"], "input weight file"),
+        (["--weights", str(vdsr), "--data", str(data)], "no N3 blocks"),
+        (["--weights", str(weights), "--data", str(tmp_path / "missing")], "missing"),
+        (["--weights", str(weights), "--data", str(data), "--val-count", "9"], "--val-count 9"),
+    ]
+    for argv, match in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            prog.main(argv + ["--device", "cpu"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("calibrate_sr.py: error: "), err
+        assert match in err[0], err
