@@ -38,6 +38,7 @@ __all__ = [
     "n3net_hetero",
     "vdsr_x234",
     "n3net_sr_x234",
+    "n3net_sr_x234_cal",
     "match_filter",
 ]
 
@@ -223,6 +224,17 @@ def n3net_sr_x234(pretrained: bool = True, map_location: str | torch.device = "c
         map_location: device to load onto.
     """
     return _image_model("n3net-sr-x234", pretrained, map_location)
+
+
+def n3net_sr_x234_cal(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """``n3net-sr-x234`` with per-scale N3-block temperature factors chosen on validation images
+    (``pipelines/calibrate_sr.py``), ``n3net-sr-x234-cal``; call it as ``model(x, scale=s)``.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _image_model("n3net-sr-x234-cal", pretrained, map_location)
 
 
 # ----------------------------------------------------------------------------- user-facing API

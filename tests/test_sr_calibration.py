@@ -151,3 +151,23 @@ def test_calibrate_sr_program_exports_and_refuses_bad_input(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("calibrate_sr.py: error: "), err
         assert match in err[0], err
+
+
+def test_shipped_calibrated_model(data_root):
+    """n3net-sr-x234-cal: n3net-sr-x234's weights with the factors calibrate_sr.py chose (results/sr/calibration.json)."""
+    import n3images
+
+    cal, base = n3images.load_model("n3net-sr-x234-cal"), n3images.load_model("n3net-sr-x234")
+    chosen = json.loads((ROOT / "results" / "sr" / "calibration.json").read_text())["scale_temperature"]
+    assert cal.conf["scale_temperature"] == {k: float(v) for k, v in chosen.items()} and set(chosen) == {"2", "3", "4"}
+    assert base.conf["scale_temperature"] == {}
+    for k, v in base.state_dict().items():
+        assert torch.equal(cal.state_dict()[k], v)
+    from n3images.io import read_image
+    hr = to_luma(read_image(data_root / "images" / "set5" / "butterfly.png", "rgb")[64:160, 64:160], quantize=True)
+    inp = degrade(hr, 2)[1]
+    bicubic = sr_scores(inp, hr, 2)[0]
+    # x2 on this crop (measured): bicubic 27.7, as trained 28.7, calibrated 31.2 dB
+    as_trained = sr_scores(super_resolve(base, inp, tile=None, scale=2), hr, 2)[0]
+    calibrated = sr_scores(super_resolve(cal, inp, tile=None, scale=2), hr, 2)[0]
+    assert as_trained > bicubic + 0.5 and calibrated > as_trained + 1.0

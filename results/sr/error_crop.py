@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     outs = {"bicubic": bic}
     with torch.no_grad():
         for name in a.weights:
-            outs[name] = super_resolve(n3images.load_model(name), bic, tile=None)
+            outs[name] = super_resolve(n3images.load_model(name), bic, tile=None, scale=a.scale)
     psnrs = {k: sr_scores(v, hr, a.scale)[0] for k, v in outs.items()}
     r, c, s = a.box
 
