@@ -31,6 +31,8 @@ __all__ = [
     "n3net_strecha_side",
     "cnnet_scenes8",
     "n3net_scenes8",
+    "cnnet_scenes8_side",
+    "n3net_scenes8_side",
     "dncnn_s25",
     "n3net_s25",
     "dncnn_s50",
@@ -149,6 +151,27 @@ def cnnet_scenes8(pretrained: bool = True, map_location: str | torch.device = "c
         map_location: device to load onto.
     """
     return _correspondence_model("cnnet-scenes8", pretrained, map_location)
+
+
+def n3net_scenes8_side(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """``n3net-scenes8`` with side information (Lowe ratio and mutual flag as input channels),
+    trained the same way on the same seven scenes (``n3net-scenes8-side``).
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _correspondence_model("n3net-scenes8-side", pretrained, map_location)
+
+
+def cnnet_scenes8_side(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """CNNet with side information trained like ``n3net-scenes8-side`` (``cnnet-scenes8-side``).
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _correspondence_model("cnnet-scenes8-side", pretrained, map_location)
 
 
 # ----------------------------------------------------------------------------- image restoration

@@ -209,7 +209,8 @@ def test_missing_weights_raise_with_available_names(tmp_path):
         load_model(bad)
 
 
-@pytest.mark.parametrize("name", ["cnnet-strecha", "n3net-strecha", "cnnet-strecha-refine", "n3net-strecha-refine"])
+@pytest.mark.parametrize("name", ["cnnet-strecha", "n3net-strecha", "cnnet-strecha-refine", "n3net-strecha-refine",
+                                  "cnnet-scenes8", "n3net-scenes8", "cnnet-scenes8-side", "n3net-scenes8-side"])
 def test_shipped_weights_load_and_run(name, missing_data):
     if name not in available_models():
         missing_data(f"{name} not shipped yet")
