@@ -201,15 +201,17 @@ class N3NetDenoiser(nn.Module):
     def grid_stride(self) -> int:
         return max([b.conf["stride"] for b in self.blocks] or [1])
 
-    def forward(self, x: torch.Tensor, temperature_scale: float = 1.0) -> torch.Tensor:
-        """``temperature_scale``: multiplies the temperatures of every N3 block (1: as trained)."""
+    def forward(self, x: torch.Tensor, temperature_scale: float = 1.0,
+                temperature_input: torch.Tensor | None = None) -> torch.Tensor:
+        """``temperature_scale``: multiplies the temperatures of every N3 block (1: as trained);
+        ``temperature_input``: extra input of the blocks' temperature CNNs (:class:`N3Block2d`)."""
         _check_image(x, self.conf["channels"], type(self).__name__)
         guide = x if self.conf["match_on"] == "input" else None
         h = x
         for i, stage in enumerate(self.stages):
             h = stage(h)
             if i < len(self.blocks):
-                h = self.blocks[i](h, guide, temperature_scale)
+                h = self.blocks[i](h, guide, temperature_scale, temperature_input)
         return h + x if self.conf["residual"] == "global" else h
 
     def extra_repr(self) -> str:
@@ -258,14 +260,22 @@ class N3NetSR(N3NetDenoiser):
     the upscaling factor (missing scales and ``scale=None``: 1, the network as trained). One model
     serves every scale, but its temperature CNN sees only the bicubic image, not the scale; the
     factors are a per-scale calibration chosen on validation images after training
-    (``pipelines/calibrate_sr.py``, :func:`n3images.sr.calibrate_temperature`).
+    (``pipelines/calibrate_sr.py``, :func:`n3images.sr.calibrate_temperature`). ``scale_aware``
+    (default False) is the trained alternative: the temperature CNNs get one more input channel,
+    the constant ``log(scale)``, so one network can learn a temperature per scale; such a model
+    must be told the scale (``train_sr.py`` and every SR program do).
     """
 
     default_conf = {**N3NetDenoiser.default_conf, "depth": 7, "batch_norm": False, "residual": "global",
-                    "scale_temperature": {}}
+                    "scale_temperature": {}, "scale_aware": False}
 
     def __init__(self, conf: dict | None = None, **kwargs: object):
-        super().__init__(conf, **kwargs)
+        merged = merge_conf(self.default_conf, conf, kwargs)
+        if not isinstance(merged["scale_aware"], bool):
+            raise ValueError(f"N3NetSR: scale_aware must be true or false, got {merged['scale_aware']!r}")
+        if merged["scale_aware"]:
+            merged["block"] = {**merged["block"], "temp_extra_channels": 1}
+        super().__init__(merged)
         table = self.conf["scale_temperature"]
         if not isinstance(table, dict):
             raise ValueError(f"N3NetSR: scale_temperature must be a dict {{scale: factor}}, got {table!r}")
@@ -281,8 +291,15 @@ class N3NetSR(N3NetDenoiser):
         return 1.0 if scale is None else self.conf["scale_temperature"].get(str(int(scale)), 1.0)
 
     def forward(self, x: torch.Tensor, scale: int | None = None) -> torch.Tensor:
-        """``x (B, 1, H, W)`` bicubic luma -> ``(B, 1, H, W)``; ``scale`` picks the calibrated temperature."""
-        return super().forward(x, temperature_scale=self.temperature_scale(scale))
+        """``x (B, 1, H, W)`` bicubic luma -> ``(B, 1, H, W)``; ``scale`` picks the calibrated
+        temperature factor and, for a ``scale_aware`` model (where it is required), is the extra
+        input of the temperature CNNs."""
+        extra = None
+        if self.conf["scale_aware"]:
+            if scale is None or isinstance(scale, bool) or int(scale) != scale or scale < 2:
+                raise ValueError(f"N3NetSR: a scale_aware model needs the integer scale (>= 2), got {scale!r}")
+            extra = torch.full((x.shape[0], 1, x.shape[2], x.shape[3]), math.log(scale), dtype=x.dtype, device=x.device)
+        return super().forward(x, temperature_scale=self.temperature_scale(scale), temperature_input=extra)
 
 
 #: denoisers by the name ``train_denoise.py --model`` takes

@@ -120,6 +120,8 @@ class N3Block2d(nn.Module):
     * ``embed_channels``, ``embed_hidden``, ``embed_depth``: embedding CNN (3x3 convs).
     * ``temp_hidden``, ``temp_depth``: temperature CNN; ``t = exp(out at the patch centre) *
       init_temperature`` (paper: 0.1).
+    * ``temp_extra_channels``: channels of a ``temperature_input`` map that the temperature CNN
+      sees next to the block input (0: none; N3Net-SR's ``scale_aware`` passes the scale).
     * ``distance_norm``: the one-channel batch norm of the negative distances (:class:`DistanceNorm`).
     * ``relaxation``: ``"continuous"`` or ``"hard"`` (no temperature CNN, no gradient through
       the selection).
@@ -139,6 +141,7 @@ class N3Block2d(nn.Module):
         "embed_depth": 3,
         "temp_hidden": 64,
         "temp_depth": 3,
+        "temp_extra_channels": 0,
         "init_temperature": 0.1,
         "distance_norm": True,
         "relaxation": "continuous",
@@ -156,6 +159,9 @@ class N3Block2d(nn.Module):
             v = conf[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"N3Block2d: {key} must be a positive int, got {v!r}")
+        extra = conf["temp_extra_channels"]
+        if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+            raise ValueError(f"N3Block2d: temp_extra_channels must be an int >= 0, got {extra!r}")
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"N3Block2d: in_channels must be a positive int, got {in_channels!r}")
         if conf["embed"] not in ("cnn", "none"):
@@ -171,7 +177,8 @@ class N3Block2d(nn.Module):
         self.embed = (_cnn(in_channels, conf["embed_hidden"], conf["embed_channels"], conf["embed_depth"])
                       if conf["embed"] == "cnn" else None)
         continuous = conf["relaxation"] == "continuous"
-        self.temperature = _cnn(in_channels, conf["temp_hidden"], 1, conf["temp_depth"]) if continuous else None
+        self.temperature = (_cnn(in_channels + conf["temp_extra_channels"], conf["temp_hidden"], 1, conf["temp_depth"])
+                            if continuous else None)
         self.distance_norm = DistanceNorm() if continuous and conf["distance_norm"] else None
 
     def reset_parameters(self) -> None:
@@ -224,7 +231,7 @@ class N3Block2d(nn.Module):
                                  f"{tuple(x.shape)}, got {tuple(guide.shape)}")
 
     def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None,
-                temperature_scale: float = 1.0) -> torch.Tensor:
+                temperature_scale: float = 1.0, temperature_input: torch.Tensor | None = None) -> torch.Tensor:
         """``x (B, C, H, W)`` -> ``(B, (k + 1) * C, H, W)``.
 
         ``guide`` (``(B, C', H, W)``, only with ``embed="none"``): the image whose patches are
@@ -232,6 +239,8 @@ class N3Block2d(nn.Module):
         ``temperature_scale``: every temperature multiplied by this positive factor (above 1:
         softer neighbour weights; an inference-time calibration, e.g. per SR scale); ignored by
         the hard relaxation, which has no temperature.
+        ``temperature_input`` (``(B, temp_extra_channels, H, W)``): given exactly when
+        ``temp_extra_channels > 0``; concatenated to ``x`` for the temperature CNN only.
         """
         self._check(x, guide)
         if not (math.isfinite(temperature_scale) and temperature_scale > 0):
@@ -255,7 +264,14 @@ class N3Block2d(nn.Module):
         impl = self.resolve_impl(B, gh, gw)
         temp = None
         if self.temperature is not None:
-            t_map = pad_to_grid(self.temperature(x), p, s)
+            t_in = x
+            if c["temp_extra_channels"]:
+                want = (B, c["temp_extra_channels"], H, W)
+                if temperature_input is None or tuple(temperature_input.shape) != want:
+                    got = None if temperature_input is None else tuple(temperature_input.shape)
+                    raise ValueError(f"N3Block2d: temperature_input must have shape {want}, got {got}")
+                t_in = torch.cat([x, temperature_input.to(x.dtype)], dim=1)
+            t_map = pad_to_grid(self.temperature(t_in), p, s)
             temp = positive_temperature(patch_centres(t_map, p, s), c["init_temperature"]).index_select(-1, order)
             if self.distance_norm is not None:
                 temp = self.distance_norm.effective_temperature(temp, emb, layout, None)

@@ -60,7 +60,8 @@ class ImageTask:
         models: ``--model`` name -> model class.
         base_conf: ``args -> dict``: configuration every model gets (e.g. ``channels``).
         read_mode: ``args -> "gray" | "rgb"``: how training images are read.
-        make_batch: ``(clean crops (B, C, h, w), args, gen, epoch, step) -> (input, target)``;
+        make_batch: ``(clean crops (B, C, h, w), args, gen, epoch, step) -> (input, target)`` or
+            ``(input, target, model keyword arguments)`` (e.g. ``{"scale": 3}``);
             ``gen`` is this step's and process's CPU generator (:func:`step_generator`).
         validation_pairs: ``(images, args) -> [(input (1, C, H, W), target (1, C, H, W), tag)]``
             (fixed, a function of the images only); ``tag`` None or a group name for
@@ -72,6 +73,8 @@ class ImageTask:
         prepare_images: ``(images, args) -> images`` applied after reading (default: as read).
         csv_fields: columns of ``log.csv``.
         train_label: legend of the training curve.
+        model_kwargs: ``tag -> dict``: keyword arguments of the model call on a validation pair
+            with this tag (default: none).
     """
 
     name: str
@@ -88,6 +91,7 @@ class ImageTask:
     prepare_images: Callable | None = None
     csv_fields: Sequence[str] = tuple(BASE_CSV_FIELDS)
     train_label: str = "train (crops)"
+    model_kwargs: Callable | None = None
 
 
 # ---------------------------------------------------------------------------------- arguments
@@ -197,13 +201,15 @@ def clip_gradients(params, args, lr: float) -> None:
 
 
 @torch.no_grad()
-def validate(model, pairs, score: Callable, device, rank: int, world: int) -> dict:
-    """Mean PSNR / SSIM over ``pairs`` (split over processes); ``val_psnr_<tag>`` per tag when tagged."""
+def validate(model, pairs, score: Callable, device, rank: int, world: int,
+             model_kwargs: Callable | None = None) -> dict:
+    """Mean PSNR / SSIM over ``pairs`` (split over processes); ``val_psnr_<tag>`` per tag when tagged.
+    ``model_kwargs(tag)``: keyword arguments of the model call (e.g. the SR scale)."""
     model.eval()
     rows = []
     for j in range(rank, len(pairs), world):
         inp, target, tag = pairs[j]
-        out = model(inp.to(device)).cpu()[0]
+        out = model(inp.to(device), **(model_kwargs(tag) if model_kwargs else {})).cpu()[0]
         finite = bool(torch.isfinite(out).all())  # a diverged model: NaN rows, reported by the caller on every rank
         rows.append((*(score(out, target[0], tag) if finite else (math.nan, math.nan)), tag))
     rows = gather_lists(rows, world)
@@ -411,9 +417,10 @@ def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
         it = progress_bar(loader, f"epoch {epoch + 1}/{args.epochs}") if progress else loader
         for i, clean in enumerate(it):
             gen = step_generator(args.seed, epoch, i, rank)
-            inp, target = task.make_batch(clean, args, gen, epoch, i)
+            batch = task.make_batch(clean, args, gen, epoch, i)
+            inp, target, kwargs = batch if len(batch) == 3 else (*batch, {})
             inp, target = inp.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            loss = F.mse_loss(net(inp), target)
+            loss = F.mse_loss(net(inp, **kwargs), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             clip_gradients(model.parameters(), args, lr)
@@ -427,7 +434,7 @@ def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
                 it.set_postfix(loss=f"{sums['loss'] / sums['n']:.2e}", refresh=False)
         train_time += time.time() - t0
         sums = all_reduce_sums(sums, world)
-        metrics = validate(model, val_pairs, task.score, device, rank, world)
+        metrics = validate(model, val_pairs, task.score, device, rank, world, task.model_kwargs)
         if not (math.isfinite(sums["loss"]) and math.isfinite(metrics["val_psnr"])):
             what = "training loss" if not math.isfinite(sums["loss"]) else "validation output"
             kept = f"{last_path} keeps epoch {epoch}" if epoch > 0 else "no checkpoint was written"

@@ -19,7 +19,9 @@ was 0.04 dB above bicubic at 1e-4 and 0.01 dB at 1e-3; VDSR's SGD at 0.1 needs i
 VDSR's ``--optimizer sgd --lr 0.1 --momentum 0.9 --weight-decay 1e-4 --clip-grad-theta 0.01``
 (adjustable gradient clipping: values to ``theta / lr``). MSE loss, step learning-rate decay.
 Checkpoints, logs, ``--resume``, ``--export NAME`` (``n3images/weights/NAME.pt``), torchrun / DDP
-and ``--device`` as ``train_denoise.py``: both are :mod:`n3images.training`.
+and ``--device`` as ``train_denoise.py``: both are :mod:`n3images.training`. Every training and
+validation call tells the model its scale (``model(x, scale=s)``);
+``--model-conf '{"scale_aware": true}'`` gives N3Net-SR temperature CNNs that use it.
 """
 from __future__ import annotations
 
@@ -62,11 +64,11 @@ def step_scale(args, epoch: int, step: int) -> int:
 
 
 def sr_batch(clean: torch.Tensor, args, gen: torch.Generator, epoch: int, step: int):
-    """(bicubic input, target) of a batch of luma crops at this step's scale."""
+    """(bicubic input, target, {"scale": s}) of a batch of luma crops at this step's scale."""
     s = step_scale(args, epoch, step)
     side = clean.shape[-1] - clean.shape[-1] % s
     hr = clean[..., :side, :side]
-    return degrade_batch(hr, s), hr
+    return degrade_batch(hr, s), hr, {"scale": s}
 
 
 def prepare_images(images: list[np.ndarray], args) -> list[np.ndarray]:
@@ -103,6 +105,7 @@ def make_task(args) -> ImageTask:
         prepare_images=prepare_images,
         csv_fields=BASE_CSV_FIELDS[:7] + [f"val_psnr_x{s}" for s in args.scales] + BASE_CSV_FIELDS[7:],
         train_label="train (bicubic crops, all scales)",
+        model_kwargs=lambda tag: {"scale": int(tag[1:])},
     )
 
 

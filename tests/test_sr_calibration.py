@@ -171,3 +171,61 @@ def test_shipped_calibrated_model(data_root):
     as_trained = sr_scores(super_resolve(base, inp, tile=None, scale=2), hr, 2)[0]
     calibrated = sr_scores(super_resolve(cal, inp, tile=None, scale=2), hr, 2)[0]
     assert as_trained > bicubic + 0.5 and calibrated > as_trained + 1.0
+
+
+# ------------------------------------------------------------------ scale-aware temperature (trained)
+
+
+def test_scale_aware_model_feeds_the_scale_to_the_temperature_cnns(tmp_path):
+    model = _tiny(scale_aware=True)
+    for block in model.blocks:
+        assert block.conf["temp_extra_channels"] == 1 and block.temperature[0].in_channels == 8 + 1
+    with torch.no_grad():  # the temperature CNNs start at a constant output: give them weights that use the input
+        for block in model.blocks:
+            for param in block.temperature.parameters():
+                param.normal_(0, 0.3)
+    x = torch.rand(1, 1, 20, 18)
+    with torch.no_grad():
+        out2, out3 = model(x, scale=2), model(x, scale=3)
+        assert not torch.allclose(out2, out3)  # the temperatures depend on the scale
+        # the same as feeding the constant log(scale) map to the blocks by hand
+        extra = torch.full((1, 1, 20, 18), float(np.log(3.0)))
+        assert torch.equal(N3NetDenoiser.forward(model, x, temperature_input=extra), out3)
+    for bad in (None, 1, 2.5, True):
+        with pytest.raises(ValueError, match="scale_aware model needs"):
+            model(x, scale=bad)
+    with pytest.raises(ValueError, match="temperature_input must have shape"):
+        model.blocks[0](torch.rand(1, 8, 20, 18))
+    with pytest.raises(ValueError, match="scale_aware"):
+        N3NetSR(depth=3, features=8, k=2, block=SMALL_BLOCK, scale_aware="yes")
+    path = save_model(tmp_path / "aware.pt", model, scales=[2, 3])
+    loaded = load_model(path)
+    assert loaded.conf["scale_aware"] is True
+    with torch.no_grad():
+        assert torch.equal(loaded(x, scale=3), out3)
+
+
+def test_train_sr_scale_aware_passes_the_scale_in_training_and_validation(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_sr_for_aware", ROOT / "pipelines" / "train_sr.py")
+    train_sr = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = train_sr
+    spec.loader.exec_module(train_sr)
+    data = tmp_path / "train"
+    for i, img in enumerate(_images(5, 40, 38)):
+        write_image(data / f"g{i}.png", img)
+    conf = json.dumps({"block": SMALL_BLOCK, "scale_aware": True})
+    argv = ["--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", "--export", str(tmp_path / "a.pt"),
+            "--model", "n3net", "--k", "2", "--model-conf", conf, "--crop", "24", "--batch-size", "4",
+            "--samples-per-epoch", "8", "--val-count", "2", "--threads", "1", "--no-progress", "--device", "cpu",
+            "--depth", "3", "--features", "8", "--scales", "2", "3"]
+    s = train_sr.main(argv)  # a scale_aware model called without the scale would raise
+    model = load_model(tmp_path / "a.pt")
+    assert model.conf["scale_aware"] is True
+    # the logged validation PSNR at x3 is what the model gives when told the scale
+    psnrs = []
+    for name in ("g3.png", "g4.png"):
+        from n3images.io import read_image
+        hr = to_luma(read_image(data / name, "auto"), quantize=True)
+        hr = hr[: hr.shape[0] - hr.shape[0] % 3, : hr.shape[1] - hr.shape[1] % 3]
+        psnrs.append(sr_scores(super_resolve(model, degrade(hr, 3)[1], tile=None, scale=3), hr, 3)[0])
+    assert s["best"]["val_psnr_x3"] == pytest.approx(np.mean(psnrs), abs=1e-3)

@@ -24,8 +24,10 @@ baseline get the same steps, crops and learning rates):
 
 ``--plan`` picks the trainings: ``shipped`` (the above), ``seeds`` (the two denoising pairs again
 with seed 1, at the shipped schedules, for the seed spread) or ``ablation`` (N3Net k = 1, k = 4,
-hard-KNN and an 18-layer DnCNN at the shipped sigma-25 schedule, evaluated on urban10). Plans with
-fixed schedules skip the probe. ``--no-eval`` trains only (evaluate later, e.g. on a CPU).
+hard-KNN and an 18-layer DnCNN at the shipped sigma-25 schedule, evaluated on urban10) or ``sr``
+(at the shipped SR schedule: a ``scale_aware`` N3Net-SR, whose temperature CNNs are told the
+scale, and both SR models again with seed 1 for the seed spread). Plans with fixed schedules skip
+the probe. ``--no-eval`` trains only (evaluate later, e.g. on a CPU).
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ SR = ["--scales", "2", "3", "4", "--crop", "48", "--batch-size", "64", "--sample
       "--lr-decay", "0.3"]
 SCHEDULE_S25 = {"epochs": 14, "decay": [11, 14]}  # what the shipped sigma-25 pair got (chosen by the probe)
 SCHEDULE_S50 = {"epochs": 13, "decay": [10, 13]}
+SCHEDULE_SR = {"epochs": 12, "decay": [9, 12]}  # what the shipped SR pair got
 ALL_SETS = ("set12", "bsd68", "urban10")
 
 
@@ -79,6 +82,15 @@ PLANS = {
         "n3net-knn-s25": _denoise("n3net", "25", "s25", ["--model-conf", json.dumps(
             {"block": {"embed": "none", "relaxation": "hard"}, "match_on": "input"})], SCHEDULE_S25, ("urban10",)),
         "dncnn18-s25": _denoise("dncnn", "25", "s25", ["--depth", "18"], SCHEDULE_S25, ("urban10",)),
+    },
+    # super-resolution: the trained per-scale temperature, and the seed spread of the shipped pair
+    "sr": {
+        "n3net-sr-aware-x234": {"program": "train_sr", "pair": "sr", "schedule": SCHEDULE_SR, "eval": ("sr",),
+                                "args": ["--model", "n3net", "--model-conf", json.dumps({"scale_aware": True})] + SR},
+        "n3net-sr-x234-seed1": {"program": "train_sr", "pair": "sr", "schedule": SCHEDULE_SR, "eval": ("sr",),
+                                "args": ["--model", "n3net", "--seed", "1"] + SR},
+        "vdsr-x234-seed1": {"program": "train_sr", "pair": "sr", "schedule": SCHEDULE_SR, "eval": ("sr",),
+                            "args": ["--model", "vdsr", "--seed", "1"] + SR},
     },
 }
 JOBS: dict = {}  # the chosen plan
