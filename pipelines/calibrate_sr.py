@@ -21,13 +21,11 @@ Bad input: one ``calibrate_sr.py: error: ...`` line, exit 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from n3images import WEIGHTS_DIR, programs
 from n3images.data import split_train_val
