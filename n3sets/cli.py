@@ -2,16 +2,21 @@
 
 A program raises :class:`UsageError` (or lets a library ``ValueError`` / ``FileNotFoundError``
 / ``OSError`` through) for bad input; its ``main`` prints :func:`one_line` of it on stderr as
-``PROGRAM: error: ...`` and exits with status 2.
+``PROGRAM: error: ...`` and exits with status 2 (:func:`errors_exit`).
 """
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["UsageError", "one_line", "check_writable_folder", "load_weights_arg", "DEFAULT_THREADS",
+__all__ = ["UsageError", "one_line", "errors_exit", "check_writable_folder", "load_weights_arg", "DEFAULT_THREADS",
            "resolve_threads", "add_threads_argument"]
+
+#: what a program reports as bad input (one line, exit 2) rather than as a crash
+INPUT_ERRORS = (ValueError, FileNotFoundError, OSError)
 
 
 class UsageError(ValueError):
@@ -24,6 +29,18 @@ def one_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     return lines[0] + (" [...]" if len(lines) > 1 else "")
+
+
+@contextmanager
+def errors_exit(program: str):
+    """Around a program's work: a :class:`UsageError` or a library ``ValueError`` /
+    ``FileNotFoundError`` / ``OSError`` becomes ``PROGRAM: error: <one line>`` on stderr and
+    ``SystemExit(2)``."""
+    try:
+        yield
+    except INPUT_ERRORS as exc:
+        print(f"{program}: error: {one_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def check_writable_folder(folder, label: str) -> None:

@@ -33,7 +33,7 @@ from n3images.io import read_image
 from n3images.models import N3NetSR
 from n3images.programs import UsageError, check_writable, pick_device, write_json
 from n3images.sr import DEFAULT_FACTORS, SCALES, calibrate_temperature, to_luma
-from n3sets.cli import add_threads_argument, one_line
+from n3sets.cli import add_threads_argument, errors_exit, one_line
 from n3sets.pretrained import save_model
 from n3sets.training import export_target, set_threads
 
@@ -133,11 +133,8 @@ def run(args, argv=None) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     set_threads(args.threads)
-    try:
+    with errors_exit(PROGRAM):
         return run(args, argv)
-    except (UsageError, ValueError, FileNotFoundError, OSError) as exc:
-        print(f"{PROGRAM}: error: {one_line(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from n3images import programs
 from n3images.inference import DEFAULT_TILE, denoise_image
 from n3images.io import write_image
 from n3images.programs import WRITE_SUFFIXES, pick_device, read_input_image
-from n3sets.cli import UsageError, add_threads_argument, one_line
+from n3sets.cli import UsageError, add_threads_argument, errors_exit
 from n3sets.pretrained import weights_name
 from n3sets.training import set_threads
 
@@ -127,11 +127,8 @@ def run(args) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    try:
+    with errors_exit(PROGRAM):
         return run(args)
-    except (UsageError, ValueError, FileNotFoundError, OSError) as exc:
-        print(f"{PROGRAM}: error: {one_line(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

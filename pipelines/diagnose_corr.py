@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from n3sets.cli import UsageError, add_threads_argument, check_writable_folder, load_weights_arg, one_line
+from n3sets.cli import UsageError, add_threads_argument, errors_exit, check_writable_folder, load_weights_arg, one_line
 from n3sets.essential import logits_to_weights
 from n3sets.evaluation import eight_point_pose, model_logits
 from n3sets.metrics import mean_average_precision
@@ -141,13 +141,10 @@ def run(args, argv=None) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    try:
+    with errors_exit(PROGRAM):
         # threads and oneDNN off for this run only: main() is also called in-process (tests, notebooks)
         with torch_threads(args.threads, thread_independent=True):
             return run(args, argv)
-    except (UsageError, ValueError, FileNotFoundError, OSError) as exc:
-        print(f"{PROGRAM}: error: {one_line(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from n3sets.cli import UsageError, add_threads_argument, check_writable_folder, load_weights_arg, one_line
+from n3sets.cli import UsageError, add_threads_argument, errors_exit, check_writable_folder, load_weights_arg, one_line
 from n3sets.evaluation import BASELINES, evaluate_correspondences
 from n3sets.robust import DEFAULT_MAX_ITERS, DEFAULT_THRESHOLDS
 from n3sets.training import torch_threads
@@ -266,13 +266,10 @@ def run(args, argv=None) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    try:
+    with errors_exit(PROGRAM):
         # threads and oneDNN off for this run only: main() is also called in-process (tests, notebooks)
         with torch_threads(args.threads, thread_independent=True):
             return run(args, argv)
-    except (UsageError, ValueError, FileNotFoundError, OSError) as exc:
-        print(f"{PROGRAM}: error: {one_line(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

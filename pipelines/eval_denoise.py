@@ -54,7 +54,7 @@ from n3images.metrics import psnr, ssim
 from n3images.noise import HETERO_EVAL_PAIRS, add_gaussian_noise, hetero_eval_noise, hetero_eval_target
 from n3images.programs import check_writable, dataset_names, format_table, pick_device, write_json
 from n3images.programs import image_file_names as _image_file_names
-from n3sets.cli import UsageError, add_threads_argument, one_line
+from n3sets.cli import UsageError, add_threads_argument, errors_exit
 from n3sets.training import set_threads
 
 PROGRAM = "eval_denoise.py"
@@ -286,11 +286,8 @@ def run(args, argv) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    try:
+    with errors_exit(PROGRAM):
         return run(args, argv)
-    except (UsageError, ValueError, FileNotFoundError, OSError) as exc:
-        print(f"{PROGRAM}: error: {one_line(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

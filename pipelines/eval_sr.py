@@ -48,7 +48,7 @@ from n3images.io import write_image
 from n3images.metrics import modcrop, rgb_to_ycbcr, ycbcr_to_rgb
 from n3images.sr import bicubic_up, degrade, downscale, from_luma, sr_scores, super_resolve, to_luma
 from n3images.programs import check_writable, dataset_names, format_table, pick_device, write_json
-from n3sets.cli import UsageError, add_threads_argument, one_line
+from n3sets.cli import UsageError, add_threads_argument, errors_exit
 from n3sets.training import set_threads
 
 PROGRAM = "eval_sr.py"
@@ -212,11 +212,8 @@ def run(args, argv) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    try:
+    with errors_exit(PROGRAM):
         return run(args, argv)
-    except (UsageError, ValueError, FileNotFoundError, OSError) as exc:
-        print(f"{PROGRAM}: error: {one_line(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
