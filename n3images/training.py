@@ -41,13 +41,14 @@ from .data import CropDataset, load_images, split_train_val
 from .io import list_images
 
 __all__ = ["ImageTask", "add_common_arguments", "check_common_arguments", "model_conf_from_args", "step_generator",
-           "make_optimizer", "clip_gradients", "validate", "plot_curves", "export_best", "run_training",
-           "BASE_CSV_FIELDS"]
+           "read_init", "load_widened_state", "make_optimizer", "clip_gradients", "validate", "plot_curves",
+           "export_best", "run_training", "BASE_CSV_FIELDS"]
 
 BASE_CSV_FIELDS = ["epoch", "step", "lr", "train_loss", "train_psnr", "val_psnr", "val_ssim", "epoch_time_s",
                    "train_time_s"]
 # run arguments an exact resume needs unchanged, on top of the task's (value of older runs: the default)
-_RESUME_KEYS = {"crop": None, "batch_size": None, "samples_per_epoch": None, "seed": None, "optimizer": "adam"}
+_RESUME_KEYS = {"crop": None, "batch_size": None, "samples_per_epoch": None, "seed": None, "optimizer": "adam",
+                "init": None}
 
 
 @dataclass
@@ -133,6 +134,12 @@ def add_common_arguments(p: argparse.ArgumentParser, models: dict, *, default_mo
     p.add_argument("--stages", type=int, help="n3net: stages (3; 2 = the light variant)")
     p.add_argument("--model-conf", type=json.loads, default={}, help="JSON dict of further model configuration")
     p.add_argument("--export", help="write the best checkpoint as weight file NAME (n3images/weights/NAME.pt) or PATH")
+    p.add_argument("--init", metavar="NAME_OR_PATH",
+                   help="fine-tune: start from the weights of this model (shipped name, weight file or a run's "
+                        "best.pt) instead of a random initialisation. Its configuration is the base of the new "
+                        "model's (--depth ... and --model-conf change it); input channels the new configuration "
+                        "adds (e.g. --model-conf '{\"scale_aware\": true}') start with zero weights, so training "
+                        "starts from the same function")
     p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
                    help="stop cleanly (checkpoint, logs, --export) after the first epoch whose end leaves less "
                         "than one more epoch (the slowest so far) inside SECONDS of this invocation; "
@@ -171,6 +178,54 @@ def model_conf_from_args(args, models: dict, base: dict) -> dict:
             conf[key] = value
     conf.update(args.model_conf)
     return conf
+
+
+def read_init(spec: str, models: dict, model_name: str) -> dict:
+    """The weight-file dict of ``--init spec`` (:func:`n3sets.pretrained.read_weight_file`) plus
+    ``sha256``; SystemExit naming the file when it cannot be read or holds another kind of model."""
+    from n3sets.pretrained import read_weight_file
+
+    from .programs import sha256
+
+    try:
+        payload = read_weight_file(spec)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"--init {spec}: {exc}")
+    want = models[model_name].__name__
+    if payload["class"] != want:
+        raise SystemExit(f"--init {spec}: {payload['path']} holds a {payload['class']}, not the {want} of "
+                         f"--model {model_name}")
+    return {**payload, "sha256": sha256(Path(payload["path"]))}
+
+
+def load_widened_state(model: torch.nn.Module, state: dict, where: str) -> list[str]:
+    """Copy ``state`` into ``model``; a tensor the model has wider along dim 1 (the input channels of
+    a convolution whose input gained channels) is copied into the first channels, the rest set to
+    zero, so that the model computes what the stored one did. Returns the widened keys.
+
+    Raises:
+        ValueError: missing or unexpected keys, or any other shape difference; names ``where``.
+    """
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{where} does not fit the model: missing {missing[:5] or 'none'}, "
+                         f"unexpected {unexpected[:5] or 'none'}")
+    widened, merged = [], {}
+    for key, new in own.items():
+        old = state[key]
+        if tuple(old.shape) == tuple(new.shape):
+            merged[key] = old
+        elif (old.dim() == new.dim() >= 2 and old.shape[0] == new.shape[0] and old.shape[2:] == new.shape[2:]
+              and old.shape[1] < new.shape[1]):
+            value = torch.zeros_like(new)
+            value[:, :old.shape[1]] = old
+            merged[key] = value
+            widened.append(key)
+        else:
+            raise ValueError(f"{where}: {key} has shape {tuple(old.shape)}, the model needs {tuple(new.shape)}")
+    model.load_state_dict(merged)
+    return widened
 
 
 # ------------------------------------------------------------------------------ optimisation
@@ -278,6 +333,7 @@ def export_best(task: ImageTask, args, out: Path, command: str, weights_dir: Pat
         "train_time_to_best_s": float(ckpt["train_time_s"]),
         "selection": "best validation PSNR",
         "val_history": [{k: v for k, v in h.items() if k == "epoch" or k.startswith("val_psnr")} for h in hist],
+        "init": ckpt.get("init"),
         "torch": str(torch.__version__),
         "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -312,6 +368,12 @@ def _load_data(task: ImageTask, args):
 
 
 def _check_resume(task: ImageTask, ckpt: dict, args, model, path: Path) -> None:
+    keys = {**_RESUME_KEYS, **{k: None for k in task.resume_keys}}
+    for key, default in keys.items():
+        before = ckpt["args"].get(key, default)
+        if before != getattr(args, key):
+            raise SystemExit(f"--resume: {path} was trained with --{key.replace('_', '-')} {before}, "
+                             f"not {getattr(args, key)}; an exact resume needs the same")
     stored = ckpt["model_name"]
     same_model = stored == args.model
     if same_model:
@@ -322,12 +384,6 @@ def _check_resume(task: ImageTask, ckpt: dict, args, model, path: Path) -> None:
     if not same_model:
         raise SystemExit(f"--resume: {path} holds {stored} {ckpt['model_conf']}, not {args.model} {model.conf}; "
                          "use the same model options")
-    keys = {**_RESUME_KEYS, **{k: None for k in task.resume_keys}}
-    for key, default in keys.items():
-        before = ckpt["args"].get(key, default)
-        if before != getattr(args, key):
-            raise SystemExit(f"--resume: {path} was trained with --{key.replace('_', '-')} {before}, "
-                             f"not {getattr(args, key)}; an exact resume needs the same")
 
 
 def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
@@ -352,10 +408,23 @@ def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
     loader = DataLoader(train_set, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.num_workers,
                         drop_last=True)
 
+    init = read_init(args.init, task.models, args.model) if args.init else None
+    base = {**(init["conf"] if init else {}), **task.base_conf(args)}
     try:
-        model = task.models[args.model](model_conf_from_args(args, task.models, task.base_conf(args))).to(device)
+        model = task.models[args.model](model_conf_from_args(args, task.models, base))
     except ValueError as exc:  # e.g. an unknown --model-conf key
         raise SystemExit(f"--model {args.model}: {exc}")
+    init_info = None
+    if init is not None:
+        try:
+            widened = load_widened_state(model, init["state_dict"], f"--init {args.init} ({init['path']})")
+        except ValueError as exc:
+            raise SystemExit(str(exc))
+        meta = init.get("meta") or {}
+        init_info = {"weights": args.init, "path": init["path"], "sha256": init["sha256"], "conf": init["conf"],
+                     "widened": widened, "steps": meta.get("steps"), "patches_seen": meta.get("patches_seen"),
+                     "device": meta.get("device")}
+    model = model.to(device)
     optimizer = make_optimizer(model.parameters(), args)
     start_epoch, step, history, best, best_train_time = 0, 0, [], None, 0.0
     commands = [command]
@@ -369,6 +438,7 @@ def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
         best_train_time = ckpt.get("best_train_time_s", 0.0)
         commands = ckpt["commands"] + ([command] if start_epoch < args.epochs else [])
         set_rng_state(ckpt["rng"])
+        init_info = ckpt.get("init")
         if rank == 0:
             print(f"resumed from {last_path}: epoch {start_epoch}, step {step}")
     elif args.resume and rank == 0:
@@ -386,6 +456,9 @@ def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
     progress = rank == 0 and not args.no_progress
     if rank == 0:
         print(f"{type(model).__name__} ({n_params / 1e6:.3f} M parameters) {model.conf}")
+        if init_info is not None:
+            grown = f"; zero-initialised new inputs of {', '.join(init_info['widened'])}" if init_info["widened"] else ""
+            print(f"initialised from --init {args.init} ({init_info['path']}){grown}")
         print(f"train: {args.data} ({len(train_images)} images, {args.samples_per_epoch} crops of {args.crop} per epoch), "
               f"val: {len(val_images)} images, {task.describe(args)}, optimizer: {args.optimizer}, device: {device}, "
               f"processes: {world}, threads/process: {torch.get_num_threads()}", flush=True)
@@ -393,7 +466,7 @@ def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
     data_info = {"train": str(args.data), "val": str(args.val or args.data), "train_images": len(train_images),
                  "val_images": [p.name for p in val_paths]}
     info = {"command": command, "commands": commands, "args": run_args, "model": args.model, "model_conf": model.conf,
-            "parameters": n_params, "world_size": world, "device": str(device), "task": task.name}
+            "parameters": n_params, "world_size": world, "device": str(device), "task": task.name, "init": init_info}
     train_time = history[-1]["train_time_s"] if history else 0.0
 
     def plot(path, hist):
@@ -454,7 +527,7 @@ def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step, "history": history,
                     "best": best, "best_train_time_s": best_train_time, "train_time_s": train_time,
                     "command": command, "commands": commands, "data": data_info, "world_size": world,
-                    "device": str(device), "args": run_args, "task": task.name, "rng": rng_state()}
+                    "device": str(device), "args": run_args, "task": task.name, "init": init_info, "rng": rng_state()}
             atomic_torch_save(ckpt, last_path)
             if is_best:
                 atomic_torch_save(ckpt, best_path)
