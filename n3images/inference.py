@@ -71,11 +71,13 @@ def tiled_apply(model: torch.nn.Module, x: torch.Tensor, tile: int | None = DEFA
 
 def denoise_image(model: torch.nn.Module, noisy: np.ndarray | torch.Tensor, tile: int | None = DEFAULT_TILE,
                   device: str | torch.device | None = None,
-                  progress: Callable[[int, int], object] | None = None) -> np.ndarray:
+                  progress: Callable[[int, int], object] | None = None, **model_kwargs: object) -> np.ndarray:
     """Denoise one image: ``(H, W)`` grey or ``(H, W, C)`` numpy array in [0, 1] -> float32 array, same shape.
 
     A grey model (``conf["channels"] == 1``) denoises a colour image channel by channel. The
-    output is not clipped (the evaluation protocol clips before PSNR).
+    output is not clipped (the evaluation protocol clips before PSNR). ``model_kwargs`` go to
+    every model call (``noise_level=(a, b)`` of a non-blind model,
+    :func:`n3images.models.noise_level_kwargs`).
     """
     arr = np.asarray(noisy, dtype=np.float32)
     if arr.ndim not in (2, 3) or arr.size == 0:
@@ -94,7 +96,7 @@ def denoise_image(model: torch.nn.Module, noisy: np.ndarray | torch.Tensor, tile
     parts = []
     for i in range(batch.shape[0]):  # one channel / image at a time keeps the memory of one
         sub = None if progress is None else (lambda d, t, i=i: progress(i * t + d, batch.shape[0] * t))
-        parts.append(tiled_apply(model, batch[i:i + 1].to(device), tile, sub).cpu())
+        parts.append(tiled_apply(model, batch[i:i + 1].to(device), tile, sub, **model_kwargs).cpu())
     out = torch.cat(parts).numpy()
     out = out[:, 0] if channels == 1 else out[0]
     return out[0] if arr.ndim == 2 else out.transpose(1, 2, 0)

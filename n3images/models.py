@@ -35,7 +35,51 @@ from n3sets.models import merge_conf
 from .n3block2d import N3Block2d
 
 __all__ = ["DnCNNStage", "DnCNN", "N3NetDenoiser", "VDSR", "N3NetSR", "IMAGE_MODELS", "DENOISERS", "SR_MODELS",
-           "IMAGE_MODEL_CLASSES", "model_task"]
+           "IMAGE_MODEL_CLASSES", "NOISE_INPUTS", "model_task", "noise_level_kwargs"]
+
+
+#: ``noise_input`` of the denoisers: ``"none"`` (blind) or ``"level"`` (told the noise level)
+NOISE_INPUTS = ("none", "level")
+
+
+def _check_noise_input(conf: dict, name: str) -> int:
+    """Input channels of the first layer per image channel: 1 (blind) or 2 (image + noise std map)."""
+    kind = conf.get("noise_input", "none")
+    if kind not in NOISE_INPUTS:
+        raise ValueError(f"{name}: noise_input must be one of {', '.join(map(repr, NOISE_INPUTS))}, got {kind!r}")
+    return 2 if kind == "level" else 1
+
+
+def _with_noise_map(model: nn.Module, x: torch.Tensor, noise_level) -> torch.Tensor:
+    """``x`` (blind model), or ``x`` with the per-pixel noise standard deviation appended
+    (``noise_input="level"``): ``sqrt(a * max(x, 0) + b)`` of every channel, computed from the
+    noisy input itself, for ``noise_level = (a, b)`` (floats or ``(B,)`` tensors)."""
+    name = type(model).__name__
+    if model.conf.get("noise_input", "none") == "none":
+        if noise_level is not None:
+            raise ValueError(f"{name}: a blind model (noise_input='none') takes no noise_level")
+        return x
+    if noise_level is None or not isinstance(noise_level, (tuple, list)) or len(noise_level) != 2:
+        raise ValueError(f"{name}: a non-blind model (noise_input='level') needs noise_level=(a, b), the noise "
+                         f"variance a * x + b (Gaussian noise of std s on [0, 1]: (0, s ** 2)), got {noise_level!r}")
+    from .noise import noise_std_map
+
+    return torch.cat([x, noise_std_map(x, *noise_level)], dim=1)
+
+
+def noise_level_kwargs(model: nn.Module, level: dict) -> dict:
+    """Keyword arguments of a call of ``model`` on an image with this noise: ``{}`` for a blind
+    model, ``{"noise_level": (a, b)}`` for a ``noise_input="level"`` one. ``level``:
+    ``{"sigma": s}`` (white Gaussian, 0-255 scale: ``(0, (s / 255) ** 2)``) or ``{"a": a, "b": b}``
+    (floats, or ``(B,)`` tensors: one pair per image of a batch); an empty ``level``: ``{}``."""
+    if not level:
+        return {}
+    if getattr(model, "conf", {}).get("noise_input", "none") == "none":
+        return {}
+    if "sigma" in level:
+        return {"noise_level": (0.0, (float(level["sigma"]) / 255.0) ** 2)}
+    a, b = level["a"], level["b"]  # floats, or (B,) tensors of a training batch
+    return {"noise_level": (a if isinstance(a, torch.Tensor) else float(a), b if isinstance(b, torch.Tensor) else float(b))}
 
 
 def _check_image(x: torch.Tensor, channels: int, name: str) -> None:
@@ -106,15 +150,19 @@ class DnCNNStage(nn.Module):
 class DnCNN(nn.Module):
     """DnCNN: one residual stage of ``depth`` layers, ``(B, C, H, W) -> (B, C, H, W)``.
 
-    Configuration: ``channels`` (1 grey, 3 colour), ``depth`` (17), ``features`` (64), ``bn_momentum``.
+    Configuration: ``channels`` (1 grey, 3 colour), ``depth`` (17), ``features`` (64), ``bn_momentum``,
+    ``noise_input`` (``"none"``: blind; ``"level"``: the call gives ``noise_level=(a, b)`` and the
+    per-pixel noise standard deviation map is a further input, see :class:`N3NetDenoiser`).
     """
 
-    default_conf = {"channels": 1, "depth": 17, "features": 64, "bn_momentum": 0.1}
+    default_conf = {"channels": 1, "depth": 17, "features": 64, "bn_momentum": 0.1, "noise_input": "none"}
 
     def __init__(self, conf: dict | None = None, **kwargs: object):
         super().__init__()
         self.conf = conf = merge_conf(self.default_conf, conf, kwargs)
-        self.stage = DnCNNStage(conf["channels"], conf["channels"], conf["depth"], conf["features"], conf["bn_momentum"])
+        per_channel = _check_noise_input(conf, "DnCNN")
+        self.stage = DnCNNStage(per_channel * conf["channels"], conf["channels"], conf["depth"], conf["features"],
+                                conf["bn_momentum"])
 
     @property
     def halo(self) -> int:
@@ -126,9 +174,10 @@ class DnCNN(nn.Module):
         """Tiles must start at multiples of this for tiled inference to equal untiled (1: any)."""
         return 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, noise_level=None) -> torch.Tensor:
+        """``noise_level``: ``(a, b)`` of a ``noise_input="level"`` model (required there), else None."""
         _check_image(x, self.conf["channels"], "DnCNN")
-        return self.stage(x)
+        return self.stage(_with_noise_map(self, x, noise_level))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.conf.items())
@@ -151,6 +200,11 @@ class N3NetDenoiser(nn.Module):
         batch_norm: batch norm in the stages' middle layers (DnCNN stages; False: VDSR stages).
         residual: ``"stage"`` (every stage adds its input, no global skip: the paper's denoiser)
             or ``"global"`` (plain stages, the network input added to the output: N3Net-SR).
+        noise_input: ``"none"`` (blind: the noisy image only) or ``"level"`` (non-blind: every call
+            gives ``noise_level=(a, b)``, the noise variance ``a * x + b`` of the heteroscedastic
+            model, ``(0, sigma ** 2)`` for white Gaussian noise; the first stage also sees the
+            per-pixel standard deviation ``sqrt(a * max(x, 0) + b)`` of each channel, computed from
+            the noisy input, and its residual still adds the image channels).
     """
 
     default_conf = {
@@ -165,6 +219,7 @@ class N3NetDenoiser(nn.Module):
         "bn_momentum": 0.1,
         "batch_norm": True,
         "residual": "stage",
+        "noise_input": "none",
     }
 
     def __init__(self, conf: dict | None = None, **kwargs: object):
@@ -182,7 +237,7 @@ class N3NetDenoiser(nn.Module):
         stage_residual = conf["residual"] == "stage"
         C, bc, k = conf["channels"], conf["block_channels"], conf["k"]
         self.stages, self.blocks = nn.ModuleList(), nn.ModuleList()
-        c_in = C
+        c_in = C * _check_noise_input(conf, name)
         for i in range(conf["stages"]):
             last = i == conf["stages"] - 1
             c_out = C if last else bc
@@ -202,12 +257,13 @@ class N3NetDenoiser(nn.Module):
         return max([b.conf["stride"] for b in self.blocks] or [1])
 
     def forward(self, x: torch.Tensor, temperature_scale: float = 1.0,
-                temperature_input: torch.Tensor | None = None) -> torch.Tensor:
+                temperature_input: torch.Tensor | None = None, noise_level=None) -> torch.Tensor:
         """``temperature_scale``: multiplies the temperatures of every N3 block (1: as trained);
-        ``temperature_input``: extra input of the blocks' temperature CNNs (:class:`N3Block2d`)."""
+        ``temperature_input``: extra input of the blocks' temperature CNNs (:class:`N3Block2d`);
+        ``noise_level``: ``(a, b)`` of a ``noise_input="level"`` model (required there), else None."""
         _check_image(x, self.conf["channels"], type(self).__name__)
         guide = x if self.conf["match_on"] == "input" else None
-        h = x
+        h = _with_noise_map(self, x, noise_level)
         for i, stage in enumerate(self.stages):
             h = stage(h)
             if i < len(self.blocks):
@@ -266,8 +322,8 @@ class N3NetSR(N3NetDenoiser):
     must be told the scale (``train_sr.py`` and every SR program do).
     """
 
-    default_conf = {**N3NetDenoiser.default_conf, "depth": 7, "batch_norm": False, "residual": "global",
-                    "scale_temperature": {}, "scale_aware": False}
+    default_conf = {**{k: v for k, v in N3NetDenoiser.default_conf.items() if k != "noise_input"},
+                    "depth": 7, "batch_norm": False, "residual": "global", "scale_temperature": {}, "scale_aware": False}
 
     def __init__(self, conf: dict | None = None, **kwargs: object):
         merged = merge_conf(self.default_conf, conf, kwargs)

@@ -76,6 +76,9 @@ class ImageTask:
         train_label: legend of the training curve.
         model_kwargs: ``tag -> dict``: keyword arguments of the model call on a validation pair
             with this tag (default: none).
+        call_kwargs: ``(model, kwargs) -> dict``: the keyword arguments of a model call from what
+            ``make_batch`` / ``model_kwargs`` give, for tasks where they depend on the model
+            (e.g. a blind denoiser is not told the noise level; default: as given).
     """
 
     name: str
@@ -93,6 +96,7 @@ class ImageTask:
     csv_fields: Sequence[str] = tuple(BASE_CSV_FIELDS)
     train_label: str = "train (crops)"
     model_kwargs: Callable | None = None
+    call_kwargs: Callable | None = None
 
 
 # ---------------------------------------------------------------------------------- arguments
@@ -257,14 +261,18 @@ def clip_gradients(params, args, lr: float) -> None:
 
 @torch.no_grad()
 def validate(model, pairs, score: Callable, device, rank: int, world: int,
-             model_kwargs: Callable | None = None) -> dict:
+             model_kwargs: Callable | None = None, call_kwargs: Callable | None = None) -> dict:
     """Mean PSNR / SSIM over ``pairs`` (split over processes); ``val_psnr_<tag>`` per tag when tagged.
-    ``model_kwargs(tag)``: keyword arguments of the model call (e.g. the SR scale)."""
+    ``model_kwargs(tag)``: keyword arguments of the model call (e.g. the SR scale), passed
+    through ``call_kwargs(model, kwargs)`` when given (:class:`ImageTask`)."""
     model.eval()
     rows = []
     for j in range(rank, len(pairs), world):
         inp, target, tag = pairs[j]
-        out = model(inp.to(device), **(model_kwargs(tag) if model_kwargs else {})).cpu()[0]
+        kwargs = model_kwargs(tag) if model_kwargs else {}
+        if call_kwargs is not None:
+            kwargs = call_kwargs(model, kwargs)
+        out = model(inp.to(device), **kwargs).cpu()[0]
         finite = bool(torch.isfinite(out).all())  # a diverged model: NaN rows, reported by the caller on every rank
         rows.append((*(score(out, target[0], tag) if finite else (math.nan, math.nan)), tag))
     rows = gather_lists(rows, world)
@@ -386,6 +394,15 @@ def _check_resume(task: ImageTask, ckpt: dict, args, model, path: Path) -> None:
                          "use the same model options")
 
 
+def _to_device(value, device):
+    """A model keyword argument on ``device`` (tensors, also inside tuples / lists; others as they are)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
 def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
     """Train ``task`` with the parsed ``args``; returns ``{"out", "best", "epochs"[, "export"]}``."""
     rank, world = dist_setup(args.threads)
@@ -492,6 +509,9 @@ def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
             gen = step_generator(args.seed, epoch, i, rank)
             batch = task.make_batch(clean, args, gen, epoch, i)
             inp, target, kwargs = batch if len(batch) == 3 else (*batch, {})
+            if task.call_kwargs is not None:
+                kwargs = task.call_kwargs(model, kwargs)
+            kwargs = {k: _to_device(v, device) for k, v in kwargs.items()}
             inp, target = inp.to(device, non_blocking=True), target.to(device, non_blocking=True)
             loss = F.mse_loss(net(inp, **kwargs), target)
             optimizer.zero_grad(set_to_none=True)
@@ -507,7 +527,7 @@ def run_training(task: ImageTask, args, argv, weights_dir: Path) -> dict:
                 it.set_postfix(loss=f"{sums['loss'] / sums['n']:.2e}", refresh=False)
         train_time += time.time() - t0
         sums = all_reduce_sums(sums, world)
-        metrics = validate(model, val_pairs, task.score, device, rank, world, task.model_kwargs)
+        metrics = validate(model, val_pairs, task.score, device, rank, world, task.model_kwargs, task.call_kwargs)
         if not (math.isfinite(sums["loss"]) and math.isfinite(metrics["val_psnr"])):
             what = "training loss" if not math.isfinite(sums["loss"]) else "validation output"
             kept = f"{last_path} keeps epoch {epoch}" if epoch > 0 else "no checkpoint was written"

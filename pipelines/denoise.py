@@ -8,8 +8,10 @@ Any size, grey or colour, 8/16-bit PNG or TIFF, JPEG, BMP (read with
 ``n3images.io.read_image(IN, "auto")``; an alpha channel is dropped). A grey model denoises a
 colour image channel by channel; a colour model given a grey image denoises it as three equal
 channels and returns their mean. The image is processed in tiles of ``--tile`` pixels (same
-result as one pass, bounded memory). The models assume white Gaussian noise of the level they
-were trained for (``--sigma`` is only checked against the model's, never used).
+result as one pass, bounded memory). A blind model assumes the noise it was trained for
+(``--sigma`` is only checked against the model's); a non-blind model (``noise_input="level"``)
+is told the level: ``--sigma S`` for white Gaussian noise or ``--noise-level A B`` for the
+variance ``a * x + b`` of a raw-like image (a camera's noise-level function).
 
 The output (``write_image``, atomic) has the bit depth of the input for PNG / TIFF output
 (16 for a float TIFF input) and 8 bits for JPEG, unless ``--bit-depth`` says otherwise. The input
@@ -29,6 +31,7 @@ import numpy as np
 from n3images import programs
 from n3images.inference import DEFAULT_TILE, denoise_image
 from n3images.io import write_image
+from n3images.models import noise_level_kwargs
 from n3images.programs import WRITE_SUFFIXES, pick_device, read_input_image
 from n3sets.cli import UsageError, add_threads_argument, errors_exit
 from n3sets.pretrained import weights_name
@@ -43,7 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("output", metavar="OUT", help="denoised image to write (.png, .tif, .tiff, .jpg, .jpeg)")
     p.add_argument("--weights", required=True, metavar="NAME_OR_PATH",
                    help="image model: a shipped name (n3images.available_models()) or a weight file")
-    p.add_argument("--sigma", type=float, help="noise level of the image (0-255 scale); only checked against the model's")
+    p.add_argument("--sigma", type=float,
+                   help="Gaussian noise level of the image (0-255 scale): told to a non-blind model (noise_input "
+                        "'level'), only checked against a blind model's")
+    p.add_argument("--noise-level", type=float, nargs=2, metavar=("A", "B"),
+                   help="noise variance a * x + b of a raw-like image (x in [0, 1]; a: shot noise, b: read noise), "
+                        "told to a non-blind model")
     p.add_argument("--bit-depth", type=int, choices=(8, 16),
                    help="bits per sample of OUT (default: the input's for PNG/TIFF, 8 for JPEG)")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile side in pixels (default %(default)s)")
@@ -56,7 +64,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--tile must be >= 1")
     if args.sigma is not None and not (math.isfinite(args.sigma) and 0 <= args.sigma <= 255):
         p.error(f"--sigma {args.sigma:g}: must be in [0, 255] (0-255 scale)")
+    if args.noise_level is not None:
+        if args.sigma is not None:
+            p.error("give --sigma or --noise-level, not both")
+        if not all(math.isfinite(v) and v >= 0 for v in args.noise_level) or not any(args.noise_level):
+            p.error(f"--noise-level {' '.join(f'{v:g}' for v in args.noise_level)}: a and b must be finite, "
+                    ">= 0 and not both 0")
     return args
+
+
+def noise_kwargs(name: str, model, args) -> tuple[dict, str | None]:
+    """``(model call keyword arguments, message)``: the noise level a non-blind model is told
+    (UsageError when neither ``--sigma`` nor ``--noise-level`` gives it); a note when a blind
+    model is given ``--noise-level``."""
+    if model.conf.get("noise_input", "none") == "none":
+        note = (f"note: model {name} is blind (it estimates the noise itself); --noise-level not used"
+                if args.noise_level is not None else None)
+        return {}, note
+    if args.noise_level is not None:
+        return noise_level_kwargs(model, {"a": args.noise_level[0], "b": args.noise_level[1]}), None
+    if args.sigma is not None:
+        return noise_level_kwargs(model, {"sigma": args.sigma}), None
+    raise UsageError(f"--weights {name}: a non-blind model (told the noise level): give --sigma S (Gaussian, "
+                     "0-255 scale) or --noise-level A B (variance a * x + b)")
 
 
 def sigma_warning(name: str, meta: dict, sigma: float | None) -> str | None:
@@ -94,7 +124,9 @@ def run(args) -> dict:
     model = load_image_model(args.weights)
     model = model.to(device).eval()
     name = weights_name(args.weights)
-    message = sigma_warning(name, getattr(model, "meta", {}) or {}, args.sigma)
+    kwargs, message = noise_kwargs(name, model, args)
+    if not kwargs:  # a blind model: --sigma is only checked
+        message = sigma_warning(name, getattr(model, "meta", {}) or {}, args.sigma) or message
     if message:
         print(f"{PROGRAM}: {message}", file=sys.stderr)
 
@@ -106,7 +138,7 @@ def run(args) -> dict:
 
     progress = TileProgress(not args.quiet)
     t0 = time.perf_counter()
-    result = denoise_image(model, x, tile=args.tile, device=device, progress=progress)
+    result = denoise_image(model, x, tile=args.tile, device=device, progress=progress, **kwargs)
     elapsed = time.perf_counter() - t0
     if grey_in and result.ndim == 3:
         result = result.mean(axis=2)

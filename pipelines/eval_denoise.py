@@ -12,7 +12,9 @@ before PSNR and SSIM (:mod:`n3images.metrics`) against the clean image.
 
 Methods: ``noisy``, the classical ``--baselines`` (``bm3d``, ``nlm``; they are told the true
 noise level) and one per ``--weights`` model, named by :func:`n3sets.pretrained.weights_name`
-(the shipped name or the file stem). The same weight file given twice is evaluated once.
+(the shipped name or the file stem). The same weight file given twice is evaluated once. A
+non-blind model (``noise_input="level"``) is told the noise level as the baselines are: ``(0,
+(sigma / 255) ** 2)`` for Gaussian noise, ``(a, b)`` for ``--noise hetero``.
 
 ``--noise hetero``: the realistic raw-noise protocol instead. For each ``(a, b)`` of
 :data:`n3images.noise.HETERO_EVAL_PAIRS` the clean target is ``hetero_eval_target(img, i)`` (the
@@ -51,6 +53,7 @@ from n3images.baselines import BASELINES
 from n3images.inference import DEFAULT_TILE, denoise_image
 from n3images.io import write_image
 from n3images.metrics import psnr, ssim
+from n3images.models import noise_level_kwargs
 from n3images.noise import HETERO_EVAL_PAIRS, add_gaussian_noise, hetero_eval_noise, hetero_eval_target
 from n3images.programs import check_writable, dataset_names, format_table, pick_device, write_json
 from n3images.programs import image_file_names as _image_file_names
@@ -181,7 +184,7 @@ def evaluate_level(images, level, methods, save_dir: Path | None, file_names, pr
             elif kind == "baseline":
                 out = obj(noisy, sigma)
             else:
-                out = denoise_image(obj, noisy, tile=tile, device=device)
+                out = denoise_image(obj, noisy, tile=tile, device=device, **noise_level_kwargs(obj, level))
             elapsed = time.perf_counter() - t0 if kind != "noisy" else 0.0
             out = np.clip(np.asarray(out, dtype=np.float64), 0.0, 1.0)
             per_psnr[name].append(psnr(out, clean))

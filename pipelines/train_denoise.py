@@ -7,8 +7,11 @@
 Training pairs: random ``--crop`` x ``--crop`` crops of the ``--data`` images (flips and
 rotations), noise added on the fly -- white Gaussian of ``--sigma`` (0-255 scale), or with
 ``--noise hetero`` the heteroscedastic raw-domain model of :mod:`n3images.noise` (clean images
-mapped towards raw intensities, variance ``a * x + b`` with random noise-level parameters; the
-model is blind: it sees the noisy image only). The last ``--val-count`` images of ``--data``
+mapped towards raw intensities, variance ``a * x + b`` with random noise-level parameters). A
+model is blind (it sees the noisy image only) unless ``--model-conf '{"noise_input": "level"}'``:
+then every call, in training and validation, also gives it the noise level -- ``(a, b)`` of the
+batch image, ``(0, (sigma / 255) ** 2)`` for Gaussian noise -- from which it computes a per-pixel
+noise standard deviation map as a further input (:class:`n3images.models.N3NetDenoiser`). The last ``--val-count`` images of ``--data``
 (sorted file order) are held out for validation (or ``--val DIR``): PSNR every epoch under the
 evaluation protocol of ``eval_denoise.py`` (noise of the i-th image seeded with i; for
 ``hetero``, the mean over the fixed (a, b) pairs of :data:`n3images.noise.HETERO_EVAL_PAIRS`).
@@ -32,7 +35,7 @@ import torch
 
 from n3images import WEIGHTS_DIR
 from n3images.metrics import psnr, ssim
-from n3images.models import DENOISERS
+from n3images.models import DENOISERS, noise_level_kwargs
 from n3images.noise import (HETERO_EVAL_PAIRS, add_gaussian_noise, hetero_eval_noise, hetero_eval_target,
                             heteroscedastic_noise, sample_raw_params, to_raw, training_gaussian_noise)
 from n3images.training import BASE_CSV_FIELDS, ImageTask, add_common_arguments, check_common_arguments, run_training
@@ -55,16 +58,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def noisy_batch(clean: torch.Tensor, args, gen: torch.Generator, epoch: int = 0, step: int = 0):
-    """(noisy input, clean target) of a training batch; noise from ``gen`` (CPU generator)."""
+    """(noisy input, clean target, noise level) of a training batch; noise from ``gen`` (CPU
+    generator). The level (``{"sigma": s}`` or ``{"a": (B,), "b": (B,)}``) reaches only
+    non-blind models (:func:`n3images.models.noise_level_kwargs`)."""
     if args.noise == "gaussian":
-        return clean + training_gaussian_noise(clean, args.sigma, gen), clean
+        return clean + training_gaussian_noise(clean, args.sigma, gen), clean, {"sigma": args.sigma}
     prm = sample_raw_params(gen, batch_size=clean.shape[0])
     target = to_raw(clean, prm["gamma"], prm["scale"])
-    return heteroscedastic_noise(target, prm["a"], prm["b"], gen), target
+    return heteroscedastic_noise(target, prm["a"], prm["b"], gen), target, {"a": prm["a"], "b": prm["b"]}
 
 
-def validation_pairs(images: list[np.ndarray], args) -> list[tuple[torch.Tensor, torch.Tensor, None]]:
-    """Fixed (noisy, clean, None) validation pairs under the evaluation protocol."""
+def hetero_tag(a: float, b: float) -> str:
+    """Validation group of one fixed (a, b) pair (``val_psnr_<tag>`` in the logs)."""
+    return f"a{a:g}_b{b:g}"
+
+
+def validation_pairs(images: list[np.ndarray], args) -> list[tuple[torch.Tensor, torch.Tensor, str | None]]:
+    """Fixed (noisy, clean, tag) validation pairs under the evaluation protocol (tag: None for
+    Gaussian noise, :func:`hetero_tag` of the pair for heteroscedastic noise)."""
     pairs = []
     for i, img in enumerate(images):
         t = torch.from_numpy(img)
@@ -73,8 +84,14 @@ def validation_pairs(images: list[np.ndarray], args) -> list[tuple[torch.Tensor,
             pairs.append((add_gaussian_noise(t, args.sigma, i), t, None))
         else:
             raw = hetero_eval_target(t, i)
-            pairs += [(hetero_eval_noise(raw, a, b, i), raw, None) for a, b in HETERO_EVAL_PAIRS]
+            pairs += [(hetero_eval_noise(raw, a, b, i), raw, hetero_tag(a, b)) for a, b in HETERO_EVAL_PAIRS]
     return pairs
+
+
+def validation_level(args):
+    """``tag -> noise level`` of the validation pairs (what a non-blind model is told)."""
+    levels = {hetero_tag(a, b): {"a": a, "b": b} for a, b in HETERO_EVAL_PAIRS}
+    return lambda tag: {"sigma": args.sigma} if tag is None else levels[tag]
 
 
 def score(out: torch.Tensor, clean: torch.Tensor, tag=None) -> tuple[float, float]:
@@ -90,25 +107,30 @@ def export_meta(ckpt: dict) -> dict:
     return {"noise": noise, "sigma": ckpt["args"]["sigma"] if noise == "gaussian" else None}
 
 
-TASK = ImageTask(
-    name="denoising",
-    program="pipelines/train_denoise.py",
-    models=DENOISERS,
-    base_conf=lambda args: {"channels": 3 if args.color else 1},
-    read_mode=lambda args: "rgb" if args.color else "gray",
-    make_batch=noisy_batch,
-    validation_pairs=validation_pairs,
-    score=score,
-    resume_keys=("noise", "sigma"),
-    describe=lambda args: f"noise: {args.noise}" + (f" sigma {args.sigma:g}" if args.noise == "gaussian" else ""),
-    export_meta=export_meta,
-    csv_fields=CSV_FIELDS,
-    train_label="train (noisy crops)",
-)
+def make_task(args) -> ImageTask:
+    hetero = [f"val_psnr_{hetero_tag(a, b)}" for a, b in HETERO_EVAL_PAIRS] if args.noise == "hetero" else []
+    return ImageTask(
+        name="denoising",
+        program="pipelines/train_denoise.py",
+        models=DENOISERS,
+        base_conf=lambda a: {"channels": 3 if a.color else 1},
+        read_mode=lambda a: "rgb" if a.color else "gray",
+        make_batch=noisy_batch,
+        validation_pairs=validation_pairs,
+        score=score,
+        resume_keys=("noise", "sigma"),
+        describe=lambda a: f"noise: {a.noise}" + (f" sigma {a.sigma:g}" if a.noise == "gaussian" else ""),
+        export_meta=export_meta,
+        csv_fields=CSV_FIELDS[:7] + hetero + CSV_FIELDS[7:],
+        train_label="train (noisy crops)",
+        model_kwargs=validation_level(args),
+        call_kwargs=noise_level_kwargs,
+    )
 
 
 def main(argv=None) -> dict:
-    return run_training(TASK, parse_args(argv), argv, WEIGHTS_DIR)
+    args = parse_args(argv)
+    return run_training(make_task(args), args, argv, WEIGHTS_DIR)
 
 
 if __name__ == "__main__":
