@@ -26,8 +26,10 @@ baseline get the same steps, crops and learning rates):
 with seed 1, at the shipped schedules, for the seed spread) or ``ablation`` (N3Net k = 1, k = 4,
 hard-KNN and an 18-layer DnCNN at the shipped sigma-25 schedule, evaluated on urban10) or ``sr``
 (at the shipped SR schedule: a ``scale_aware`` N3Net-SR, whose temperature CNNs are told the
-scale, and both SR models again with seed 1 for the seed spread). Plans with fixed schedules skip
-the probe. ``--no-eval`` trains only (evaluate later, e.g. on a CPU).
+scale, and both SR models again with seed 1 for the seed spread) or ``hetero`` (heteroscedastic
+raw-like noise at the shipped sigma-25 schedule: blind N3Net, non-blind N3Net and non-blind DnCNN,
+which are told the noise level, evaluated with ``eval_denoise.py --noise hetero`` on set12, bsd68
+and urban10). Plans with fixed schedules skip the probe. ``--no-eval`` trains only (evaluate later, e.g. on a CPU).
 """
 from __future__ import annotations
 
@@ -57,6 +59,13 @@ def _denoise(model: str, sigma: str, pair: str, extra=(), schedule=None, sets=AL
     return {"program": "train_denoise", "pair": pair, "schedule": schedule, "eval": ("denoise", sigma, sets),
             "args": ["--model", model, "--sigma", sigma] + DENOISE + list(extra)}
 
+
+def _hetero(model: str, extra=()) -> dict:
+    return {"program": "train_denoise", "pair": "hetero", "schedule": SCHEDULE_S25, "eval": ("hetero", None, ALL_SETS),
+            "args": ["--model", model, "--noise", "hetero"] + DENOISE + list(extra)}
+
+
+NONBLIND = ["--model-conf", json.dumps({"noise_input": "level"})]
 
 # plan -> {name: job}; the members of a pair share one schedule: the probe's (schedule None) or a fixed one
 PLANS = {
@@ -91,6 +100,12 @@ PLANS = {
                                 "args": ["--model", "n3net", "--seed", "1"] + SR},
         "vdsr-x234-seed1": {"program": "train_sr", "pair": "sr", "schedule": SCHEDULE_SR, "eval": ("sr",),
                             "args": ["--model", "vdsr", "--seed", "1"] + SR},
+    },
+    # heteroscedastic noise: blind against non-blind (told (a, b)), the same schedule
+    "hetero": {
+        "n3net-hetero-blind": _hetero("n3net"),
+        "n3net-hetero-nonblind": _hetero("n3net", NONBLIND),
+        "dncnn-hetero-nonblind": _hetero("dncnn", NONBLIND),
     },
 }
 JOBS: dict = {}  # the chosen plan
@@ -253,12 +268,13 @@ def main() -> None:
         if not a.no_eval and (out / f"{name}.pt").is_file():
             groups.setdefault(job["eval"], []).append(str(out / f"{name}.pt"))
     for spec, weights in sorted(groups.items()):
-        if spec[0] == "denoise":
+        if spec[0] in ("denoise", "hetero"):
             _, sigma, sets = spec
+            noise = ["--sigma", sigma] if spec[0] == "denoise" else ["--noise", "hetero"]
             split = [s for s in (("urban10",), tuple(x for x in sets if x != "urban10")) if set(s) & set(sets) and s]
             for part in split:
-                tag = f"s{sigma}_{'_'.join(part)}"
-                cmd = [PY, "pipelines/eval_denoise.py", "--data", *[str(d / x) for x in part], "--sigma", sigma,
+                tag = f"{f's{sigma}' if spec[0] == 'denoise' else 'hetero'}_{'_'.join(part)}"
+                cmd = [PY, "pipelines/eval_denoise.py", "--data", *[str(d / x) for x in part], *noise,
                        "--weights", *weights, "--device", a.device, "--quiet",
                        "--json", str(runs / "eval" / f"denoise_{tag}.json")] + limit
                 procs[f"eval-{tag}"] = launch(cmd, runs / "eval" / f"denoise_{tag}.log")
