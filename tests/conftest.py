@@ -80,3 +80,19 @@ def load_program():
         return cache[name]
 
     return load
+
+
+@pytest.fixture(scope="module")
+def stripe_images(tmp_path_factory) -> Path:
+    """A folder of five structured 36x34 grey PNGs (sine stripes under a cosine): data a tiny
+    image model can learn from, for trainer tests."""
+    import numpy as np
+
+    from n3images.io import write_image
+
+    folder = tmp_path_factory.mktemp("stripe_images")
+    yy, xx = np.mgrid[0:36, 0:34]
+    for i in range(5):
+        img = 0.5 + 0.4 * np.sin(xx * (0.3 + 0.1 * i) + yy * 0.2 * i) * np.cos(yy * 0.25)
+        write_image(folder / f"img{i}.png", img.astype(np.float32))
+    return folder

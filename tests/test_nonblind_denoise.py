@@ -1,5 +1,4 @@
 """Non-blind denoisers (noise_input="level"): the model, training, evaluation and denoise.py are told the noise level."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,27 +20,14 @@ torch.set_num_threads(1)
 SMALL_BLOCK = {"patch_size": 4, "stride": 2, "window": 5}
 
 
-def _program(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_nonblind", ROOT / "pipelines" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _n3(**conf):
     torch.manual_seed(4)
     return N3NetDenoiser(depth=3, features=8, k=2, block=SMALL_BLOCK, **conf).eval()
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("nonblind_imgs")
-    yy, xx = np.mgrid[0:36, 0:34]
-    for i in range(5):
-        img = 0.5 + 0.4 * np.sin(xx * (0.3 + 0.1 * i) + yy * 0.2 * i) * np.cos(yy * 0.25)
-        write_image(d / f"img{i}.png", img.astype(np.float32))
-    return d
+def images(stripe_images):
+    return stripe_images
 
 
 def test_model_sees_the_noise_std_map():
@@ -90,8 +76,8 @@ def test_tiled_equals_untiled_with_a_noise_level():
     assert np.allclose(out, whole[0, 0].numpy(), atol=1e-5)
 
 
-def test_train_hetero_nonblind_logs_each_level_and_eval_agrees(images, tmp_path):
-    train_denoise, eval_denoise = _program("train_denoise"), _program("eval_denoise")
+def test_train_hetero_nonblind_logs_each_level_and_eval_agrees(images, tmp_path, load_program):
+    train_denoise, eval_denoise = load_program("train_denoise"), load_program("eval_denoise")
     argv = ["--data", str(images), "--model", "n3net", "--noise", "hetero", "--depth", "3", "--features", "8",
             "--k", "2", "--model-conf", json.dumps({"block": SMALL_BLOCK, "noise_input": "level"}), "--crop", "16",
             "--batch-size", "4", "--samples-per-epoch", "8", "--val-count", "2", "--threads", "1", "--no-progress",

@@ -1,39 +1,21 @@
 """--init of the image trainers: fine-tuning from a weight file, widened inputs start at zero."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from n3images.io import write_image
 from n3images.models import DnCNN, N3NetSR, VDSR
 from n3images.training import load_widened_state
 from n3sets.pretrained import load_model, save_model
 
-ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 SMALL_BLOCK = {"patch_size": 4, "stride": 2, "window": 5}
 
 
-def _program(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_for_init", ROOT / "pipelines" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("init_imgs")
-    yy, xx = np.mgrid[0:36, 0:34]
-    for i in range(5):
-        img = 0.5 + 0.4 * np.sin(xx * (0.3 + 0.1 * i) + yy * 0.2 * i) * np.cos(yy * 0.25)
-        write_image(d / f"img{i}.png", img.astype(np.float32))
-    return d
+def images(stripe_images):
+    return stripe_images
 
 
 def _tiny_sr(**conf):
@@ -68,8 +50,8 @@ def test_widened_inputs_start_at_zero_and_keep_the_function():
         load_widened_state(dn_wide, DnCNN(depth=3, features=8).state_dict(), "dn.pt")
 
 
-def test_train_sr_init_fine_tunes_a_scale_aware_model(images, tmp_path):
-    train_sr = _program("train_sr")
+def test_train_sr_init_fine_tunes_a_scale_aware_model(images, tmp_path, load_program):
+    train_sr = load_program("train_sr")
     start = save_model(tmp_path / "start.pt", _tiny_sr(scale_temperature={"2": 4.0}), scales=[2, 3], steps=7,
                        patches_seen=28)
     argv = ["--data", str(images), "--model", "n3net", "--init", str(start), "--model-conf",
@@ -96,8 +78,8 @@ def test_train_sr_init_fine_tunes_a_scale_aware_model(images, tmp_path):
         train_sr.main(argv + ["--out", str(tmp_path / "run"), "--epochs", "3", "--resume"])
 
 
-def test_train_denoise_init_errors_name_the_file(images, tmp_path):
-    train_denoise = _program("train_denoise")
+def test_train_denoise_init_errors_name_the_file(images, tmp_path, load_program):
+    train_denoise = load_program("train_denoise")
     base = ["--data", str(images), "--batch-size", "4", "--samples-per-epoch", "8", "--val-count", "2", "--threads",
             "1", "--no-progress", "--device", "cpu", "--crop", "16", "--epochs", "1"]
     dn = save_model(tmp_path / "dn.pt", DnCNN(depth=3, features=8), sigma=25.0, noise="gaussian")
