@@ -38,9 +38,12 @@ __all__ = [
     "dncnn_s50",
     "n3net_s50",
     "n3net_hetero",
+    "n3net_hetero_nonblind",
     "vdsr_x234",
     "n3net_sr_x234",
     "n3net_sr_x234_cal",
+    "vdsr_x234_ft",
+    "n3net_sr_x234_ft",
     "match_filter",
 ]
 
@@ -229,6 +232,18 @@ def n3net_hetero(pretrained: bool = True, map_location: str | torch.device = "cp
     return _image_model("n3net-hetero", pretrained, map_location)
 
 
+def n3net_hetero_nonblind(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """Non-blind N3Net denoiser for heteroscedastic raw-like noise, ``n3net-hetero-nonblind``:
+    call it as ``model(x, noise_level=(a, b))`` with the noise variance ``a * x + b``
+    (``(0, sigma ** 2)`` for white Gaussian noise on [0, 1]).
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _image_model("n3net-hetero-nonblind", pretrained, map_location)
+
+
 def vdsr_x234(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """VDSR super-resolution (Y channel, one model for x2 / x3 / x4), ``vdsr-x234``.
 
@@ -258,6 +273,27 @@ def n3net_sr_x234_cal(pretrained: bool = True, map_location: str | torch.device 
         map_location: device to load onto.
     """
     return _image_model("n3net-sr-x234-cal", pretrained, map_location)
+
+
+def vdsr_x234_ft(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """``vdsr-x234`` trained further (1200 more steps of 16 crops on the CPU), ``vdsr-x234-ft``.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _image_model("vdsr-x234-ft", pretrained, map_location)
+
+
+def n3net_sr_x234_ft(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """``n3net-sr-x234-cal`` made scale-aware (its temperature CNNs see ``log(scale)``) and trained
+    further with the budget of ``vdsr-x234-ft``, ``n3net-sr-x234-ft``; call it as ``model(x, scale=s)``.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _image_model("n3net-sr-x234-ft", pretrained, map_location)
 
 
 # ----------------------------------------------------------------------------- user-facing API

@@ -97,3 +97,29 @@ def test_train_denoise_init_errors_name_the_file(images, tmp_path, load_program)
         train_denoise.main(base + ["--model", "dncnn", "--features", "16", "--init", str(dn), "--out",
                                    str(tmp_path / "c")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_shipped_fine_tuned_models_record_where_they_started(data_root):
+    """vdsr-x234-ft / n3net-sr-x234-ft: the shipped SR models trained further with --init, the same budget each."""
+    import n3images
+    from n3images.io import read_image
+    from n3images.programs import sha256
+    from n3images.sr import degrade, sr_scores, super_resolve, to_luma
+    from n3sets.pretrained import resolve_weights
+
+    for name, parent in (("vdsr-x234-ft", "vdsr-x234"), ("n3net-sr-x234-ft", "n3net-sr-x234-cal")):
+        model = n3images.load_model(name)
+        init = model.meta["init"]
+        assert init["weights"] == parent and init["sha256"] == sha256(resolve_weights(parent))
+        assert model.meta["patches_seen"] + init["patches_seen"] > init["patches_seen"] > 0
+    n3 = n3images.load_model("n3net-sr-x234-ft")
+    cal = n3images.load_model("n3net-sr-x234-cal")
+    assert n3.conf["scale_aware"] is True and n3.conf["scale_temperature"] == cal.conf["scale_temperature"]
+    assert n3.meta["init"]["widened"] == ["blocks.0.temperature.0.weight", "blocks.1.temperature.0.weight"]
+    hr = to_luma(read_image(data_root / "images" / "set5" / "butterfly.png", "rgb")[64:160, 64:160], quantize=True)
+    inp = degrade(hr, 4)[1]
+    bicubic = sr_scores(inp, hr, 4)[0]
+    # x4 on this crop (measured): bicubic 22.65, vdsr-x234-ft 26.13, n3net-sr-x234-ft 26.20 dB
+    for name in ("vdsr-x234-ft", "n3net-sr-x234-ft"):
+        out = super_resolve(n3images.load_model(name), inp, tile=None, scale=4)
+        assert sr_scores(out, hr, 4)[0] > bicubic + 2.5, name
