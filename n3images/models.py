@@ -35,7 +35,7 @@ from n3sets.models import merge_conf
 from .n3block2d import N3Block2d
 
 __all__ = ["DnCNNStage", "DnCNN", "N3NetDenoiser", "VDSR", "N3NetSR", "IMAGE_MODELS", "DENOISERS", "SR_MODELS",
-           "IMAGE_MODEL_CLASSES", "NOISE_INPUTS", "model_task", "noise_level_kwargs"]
+           "IMAGE_MODEL_CLASSES", "NOISE_INPUTS", "model_task", "is_nonblind", "noise_level_kwargs"]
 
 
 #: ``noise_input`` of the denoisers: ``"none"`` (blind) or ``"level"`` (told the noise level)
@@ -50,12 +50,17 @@ def _check_noise_input(conf: dict, name: str) -> int:
     return 2 if kind == "level" else 1
 
 
+def is_nonblind(model: nn.Module) -> bool:
+    """Whether ``model`` is a denoiser told the noise level (``conf["noise_input"] == "level"``)."""
+    return getattr(model, "conf", {}).get("noise_input", "none") == "level"
+
+
 def _with_noise_map(model: nn.Module, x: torch.Tensor, noise_level) -> torch.Tensor:
     """``x`` (blind model), or ``x`` with the per-pixel noise standard deviation appended
     (``noise_input="level"``): ``sqrt(a * max(x, 0) + b)`` of every channel, computed from the
     noisy input itself, for ``noise_level = (a, b)`` (floats or ``(B,)`` tensors)."""
     name = type(model).__name__
-    if model.conf.get("noise_input", "none") == "none":
+    if not is_nonblind(model):
         if noise_level is not None:
             raise ValueError(f"{name}: a blind model (noise_input='none') takes no noise_level")
         return x
@@ -72,9 +77,7 @@ def noise_level_kwargs(model: nn.Module, level: dict) -> dict:
     model, ``{"noise_level": (a, b)}`` for a ``noise_input="level"`` one. ``level``:
     ``{"sigma": s}`` (white Gaussian, 0-255 scale: ``(0, (s / 255) ** 2)``) or ``{"a": a, "b": b}``
     (floats, or ``(B,)`` tensors: one pair per image of a batch); an empty ``level``: ``{}``."""
-    if not level:
-        return {}
-    if getattr(model, "conf", {}).get("noise_input", "none") == "none":
+    if not level or not is_nonblind(model):
         return {}
     if "sigma" in level:
         return {"noise_level": (0.0, (float(level["sigma"]) / 255.0) ** 2)}

@@ -31,7 +31,7 @@ import numpy as np
 from n3images import programs
 from n3images.inference import DEFAULT_TILE, denoise_image
 from n3images.io import write_image
-from n3images.models import noise_level_kwargs
+from n3images.models import is_nonblind, noise_level_kwargs
 from n3images.programs import WRITE_SUFFIXES, pick_device, read_input_image
 from n3sets.cli import UsageError, add_threads_argument, errors_exit
 from n3sets.pretrained import weights_name
@@ -77,7 +77,7 @@ def noise_kwargs(name: str, model, args) -> tuple[dict, str | None]:
     """``(model call keyword arguments, message)``: the noise level a non-blind model is told
     (UsageError when neither ``--sigma`` nor ``--noise-level`` gives it); a note when a blind
     model is given ``--noise-level``."""
-    if model.conf.get("noise_input", "none") == "none":
+    if not is_nonblind(model):
         note = (f"note: model {name} is blind (it estimates the noise itself); --noise-level not used"
                 if args.noise_level is not None else None)
         return {}, note
