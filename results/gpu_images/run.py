@@ -22,8 +22,9 @@ baseline get the same steps, crops and learning rates):
 
 ``DIR`` holds the image folders train400, urban10, set12, bsd68, set5 and set14.
 
-``--plan`` picks the trainings: ``shipped`` (the above), ``seeds`` (the two denoising pairs again
-with seed 1, at the shipped schedules, for the seed spread) or ``ablation`` (N3Net k = 1, k = 4,
+``--plan`` picks the trainings (several plans run at once): ``shipped`` (the above), ``seeds`` (the
+two denoising pairs again with seed 1, at the shipped schedules, for the seed spread; ``seeds-s25``
+and ``seeds-s50`` are its halves) or ``ablation`` (N3Net k = 1, k = 4,
 hard-KNN and an 18-layer DnCNN at the shipped sigma-25 schedule, evaluated on urban10) or ``sr``
 (at the shipped SR schedule: a ``scale_aware`` N3Net-SR, whose temperature CNNs are told the
 scale, and both SR models again with seed 1 for the seed spread) or ``hetero`` (heteroscedastic
@@ -79,11 +80,9 @@ PLANS = {
                           "args": ["--model", "n3net"] + SR},
         "vdsr-x234": {"program": "train_sr", "pair": "sr", "schedule": None, "eval": ("sr",), "args": ["--model", "vdsr"] + SR},
     },
-    # seed spread of the denoising comparison: the shipped schedules with seed 1
-    "seeds": {
-        f"{m}-s{sig}-seed1": _denoise(m, sig, f"s{sig}", ["--seed", "1"], sched)
-        for sig, sched in (("25", SCHEDULE_S25), ("50", SCHEDULE_S50)) for m in ("n3net", "dncnn")
-    },
+    # seed spread of the denoising comparison: the shipped schedules with seed 1 (seeds = seeds-s25 + seeds-s50)
+    **{f"seeds-s{sig}": {f"{m}-s{sig}-seed1": _denoise(m, sig, f"s{sig}", ["--seed", "1"], sched) for m in ("n3net", "dncnn")}
+       for sig, sched in (("25", SCHEDULE_S25), ("50", SCHEDULE_S50))},
     # the k / matching ablation at the shipped sigma-25 schedule (urban10 only)
     "ablation": {
         "n3net-k1-s25": _denoise("n3net", "25", "s25", ["--k", "1"], SCHEDULE_S25, ("urban10",)),
@@ -108,7 +107,8 @@ PLANS = {
         "dncnn-hetero-nonblind": _hetero("dncnn", NONBLIND),
     },
 }
-JOBS: dict = {}  # the chosen plan
+PLANS["seeds"] = {**PLANS["seeds-s25"], **PLANS["seeds-s50"]}
+JOBS: dict = {}  # the chosen plans
 
 
 def flag(name: str, option: str) -> int:
@@ -174,10 +174,12 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=25)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny models and epochs: a check of this script on a CPU")
-    ap.add_argument("--plan", choices=sorted(PLANS), default="shipped", help="which trainings (default: the shipped weights)")
+    ap.add_argument("--plan", nargs="+", choices=sorted(PLANS), default=["shipped"],
+                    help="which trainings; several plans run at once (default: the shipped weights)")
     ap.add_argument("--no-eval", action="store_true", help="train only (evaluate later, e.g. on the CPU)")
     a = ap.parse_args()
-    JOBS.update(PLANS[a.plan])
+    for plan in a.plan:
+        JOBS.update(PLANS[plan])
     runs, out = a.runs, a.out
     runs.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
