@@ -37,6 +37,7 @@ __all__ = [
     "n3net_s25",
     "dncnn_s50",
     "n3net_s50",
+    "n3net_k1_s25",
     "n3net_hetero",
     "n3net_hetero_nonblind",
     "vdsr_x234",
@@ -44,6 +45,7 @@ __all__ = [
     "n3net_sr_x234_cal",
     "vdsr_x234_ft",
     "n3net_sr_x234_ft",
+    "n3net_sr_aware_x234",
     "match_filter",
 ]
 
@@ -202,6 +204,17 @@ def n3net_s25(pretrained: bool = True, map_location: str | torch.device = "cpu")
     return _image_model("n3net-s25", pretrained, map_location)
 
 
+def n3net_k1_s25(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """N3Net denoiser with one neighbour per N3 block (k = 1) for Gaussian noise of sigma 25,
+    ``n3net-k1-s25``: the best sigma-25 network on the validation images at the shared budget.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _image_model("n3net-k1-s25", pretrained, map_location)
+
+
 def dncnn_s50(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """DnCNN denoiser for Gaussian noise of sigma 50 (images in [0, 1]), ``dncnn-s50``.
 
@@ -294,6 +307,17 @@ def n3net_sr_x234_ft(pretrained: bool = True, map_location: str | torch.device =
         map_location: device to load onto.
     """
     return _image_model("n3net-sr-x234-ft", pretrained, map_location)
+
+
+def n3net_sr_aware_x234(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """N3Net-SR whose temperature CNNs see ``log(scale)``, trained from scratch with the budget of
+    ``vdsr-x234``, ``n3net-sr-aware-x234``; call it as ``model(x, scale=s)``.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _image_model("n3net-sr-aware-x234", pretrained, map_location)
 
 
 # ----------------------------------------------------------------------------- user-facing API

@@ -150,7 +150,7 @@ def test_weight_file_round_trip_through_the_registry(tmp_path):
         n3images.load_model("no-such-model")
 
 
-SHIPPED = {"dncnn-s25": 25.0, "n3net-s25": 25.0, "dncnn-s50": 50.0, "n3net-s50": 50.0}
+SHIPPED = {"dncnn-s25": 25.0, "n3net-s25": 25.0, "dncnn-s50": 50.0, "n3net-s50": 50.0, "n3net-k1-s25": 25.0}
 
 
 def test_shipped_image_models_are_listed():
