@@ -25,7 +25,8 @@ baseline get the same steps, crops and learning rates):
 ``--plan`` picks the trainings (several plans run at once): ``shipped`` (the above), ``seeds`` (the
 two denoising pairs again with seed 1, at the shipped schedules, for the seed spread; ``seeds-s25``
 and ``seeds-s50`` are its halves) or ``ablation`` (N3Net k = 1, k = 4,
-hard-KNN and an 18-layer DnCNN at the shipped sigma-25 schedule, evaluated on urban10) or ``sr``
+hard-KNN and an 18-layer DnCNN at the shipped sigma-25 schedule, evaluated on urban10) or ``k1``
+(N3Net with k = 1: a second seed at sigma 25, and sigma 50 at the shipped sigma-50 schedule) or ``sr``
 (at the shipped SR schedule: a ``scale_aware`` N3Net-SR, whose temperature CNNs are told the
 scale, and both SR models again with seed 1 for the seed spread) or ``hetero`` (heteroscedastic
 raw-like noise at the shipped sigma-25 schedule: blind N3Net, non-blind N3Net and non-blind DnCNN,
@@ -90,6 +91,11 @@ PLANS = {
         "n3net-knn-s25": _denoise("n3net", "25", "s25", ["--model-conf", json.dumps(
             {"block": {"embed": "none", "relaxation": "hard"}, "match_on": "input"})], SCHEDULE_S25, ("urban10",)),
         "dncnn18-s25": _denoise("dncnn", "25", "s25", ["--depth", "18"], SCHEDULE_S25, ("urban10",)),
+    },
+    # k = 1 (the best sigma-25 network of the ablation): a second seed, and sigma 50 against the shipped dncnn-s50
+    "k1": {
+        "n3net-k1-s25-seed1": _denoise("n3net", "25", "s25", ["--k", "1", "--seed", "1"], SCHEDULE_S25),
+        "n3net-k1-s50": _denoise("n3net", "50", "s50", ["--k", "1"], SCHEDULE_S50),
     },
     # super-resolution: the trained per-scale temperature, and the seed spread of the shipped pair
     "sr": {
