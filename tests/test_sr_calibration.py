@@ -173,24 +173,6 @@ def test_shipped_calibrated_model(data_root):
     assert as_trained > bicubic + 0.5 and calibrated > as_trained + 1.0
 
 
-def test_shipped_scale_aware_model_trained_from_scratch(data_root):
-    """n3net-sr-aware-x234: scale-aware temperature CNNs trained from scratch (no --init) at vdsr-x234's budget."""
-    import n3images
-    from n3images.io import read_image
-
-    model, vdsr = n3images.load_model("n3net-sr-aware-x234"), n3images.load_model("vdsr-x234")
-    assert model.conf["scale_aware"] is True and model.conf["scale_temperature"] == {}
-    assert model.meta.get("init") is None and "cuda" in model.meta["device"]
-    assert model.meta["batch_size"] == vdsr.meta["batch_size"] and model.meta["crop"] == vdsr.meta["crop"]
-    assert model.meta["epochs_trained_total"] == vdsr.meta["epochs_trained_total"] == 12
-    hr = to_luma(read_image(data_root / "images" / "set5" / "butterfly.png", "rgb")[64:160, 64:160], quantize=True)
-    # on this crop (measured): bicubic 27.71 / 24.43 / 22.65, this model 31.54 / 28.41 / 25.10 dB at x2 / x3 / x4
-    for scale, gain in ((2, 3.0), (3, 3.0), (4, 2.0)):
-        inp = degrade(hr, scale)[1]
-        out = super_resolve(model, inp, tile=None, scale=scale)
-        assert sr_scores(out, hr, scale)[0] > sr_scores(inp, hr, scale)[0] + gain, scale
-
-
 # ------------------------------------------------------------------ scale-aware temperature (trained)
 
 
@@ -247,3 +229,21 @@ def test_train_sr_scale_aware_passes_the_scale_in_training_and_validation(tmp_pa
         hr = hr[: hr.shape[0] - hr.shape[0] % 3, : hr.shape[1] - hr.shape[1] % 3]
         psnrs.append(sr_scores(super_resolve(model, degrade(hr, 3)[1], tile=None, scale=3), hr, 3)[0])
     assert s["best"]["val_psnr_x3"] == pytest.approx(np.mean(psnrs), abs=1e-3)
+
+
+def test_shipped_scale_aware_model_trained_from_scratch(data_root):
+    """n3net-sr-aware-x234: scale-aware temperature CNNs trained from scratch (no --init) at vdsr-x234's budget."""
+    import n3images
+    from n3images.io import read_image
+
+    model, vdsr = n3images.load_model("n3net-sr-aware-x234"), n3images.load_model("vdsr-x234")
+    assert model.conf["scale_aware"] is True and model.conf["scale_temperature"] == {}
+    assert model.meta.get("init") is None and "cuda" in model.meta["device"]
+    assert model.meta["batch_size"] == vdsr.meta["batch_size"] and model.meta["crop"] == vdsr.meta["crop"]
+    assert model.meta["epochs_trained_total"] == vdsr.meta["epochs_trained_total"] == 12
+    hr = to_luma(read_image(data_root / "images" / "set5" / "butterfly.png", "rgb")[64:160, 64:160], quantize=True)
+    # on this crop (measured): bicubic 27.71 / 24.43 / 22.65, this model 31.54 / 28.41 / 25.10 dB at x2 / x3 / x4
+    for scale, gain in ((2, 3.0), (3, 3.0), (4, 2.0)):
+        inp = degrade(hr, scale)[1]
+        out = super_resolve(model, inp, tile=None, scale=scale)
+        assert sr_scores(out, hr, scale)[0] > sr_scores(inp, hr, scale)[0] + gain, scale

@@ -67,6 +67,11 @@ def _hetero(model: str, extra=()) -> dict:
             "args": ["--model", model, "--noise", "hetero"] + DENOISE + list(extra)}
 
 
+def _seed1(sigma: str, schedule: dict) -> dict:
+    """The denoising pair of ``sigma`` again with seed 1."""
+    return {f"{m}-s{sigma}-seed1": _denoise(m, sigma, f"s{sigma}", ["--seed", "1"], schedule) for m in ("n3net", "dncnn")}
+
+
 NONBLIND = ["--model-conf", json.dumps({"noise_input": "level"})]
 
 # plan -> {name: job}; the members of a pair share one schedule: the probe's (schedule None) or a fixed one
@@ -81,9 +86,10 @@ PLANS = {
                           "args": ["--model", "n3net"] + SR},
         "vdsr-x234": {"program": "train_sr", "pair": "sr", "schedule": None, "eval": ("sr",), "args": ["--model", "vdsr"] + SR},
     },
-    # seed spread of the denoising comparison: the shipped schedules with seed 1 (seeds = seeds-s25 + seeds-s50)
-    **{f"seeds-s{sig}": {f"{m}-s{sig}-seed1": _denoise(m, sig, f"s{sig}", ["--seed", "1"], sched) for m in ("n3net", "dncnn")}
-       for sig, sched in (("25", SCHEDULE_S25), ("50", SCHEDULE_S50))},
+    # seed spread of the denoising comparison: the shipped schedules with seed 1
+    "seeds-s25": _seed1("25", SCHEDULE_S25),
+    "seeds-s50": _seed1("50", SCHEDULE_S50),
+    "seeds": {**_seed1("25", SCHEDULE_S25), **_seed1("50", SCHEDULE_S50)},
     # the k / matching ablation at the shipped sigma-25 schedule (urban10 only)
     "ablation": {
         "n3net-k1-s25": _denoise("n3net", "25", "s25", ["--k", "1"], SCHEDULE_S25, ("urban10",)),
@@ -113,7 +119,6 @@ PLANS = {
         "dncnn-hetero-nonblind": _hetero("dncnn", NONBLIND),
     },
 }
-PLANS["seeds"] = {**PLANS["seeds-s25"], **PLANS["seeds-s50"]}
 JOBS: dict = {}  # the chosen plans
 
 
