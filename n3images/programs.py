@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -19,14 +20,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from n3sets.cli import UsageError, check_writable_folder
+from n3sets.cli import UsageError, add_threads_argument, check_writable_folder
 from n3sets.pretrained import resolve_weights, weights_name
 from n3sets.training import resolve_device
 
+from .inference import DEFAULT_TILE
 from .io import image_bit_depth, list_images, read_image, same_file
 
 __all__ = ["WRITE_SUFFIXES", "pick_device", "load_image_model", "sha256", "load_models", "load_dataset", "dataset_names",
-           "check_writable", "check_output", "write_json", "image_file_names", "format_table", "TileProgress"]
+           "check_writable", "check_output", "write_json", "image_file_names", "format_table", "TileProgress",
+           "command_line", "progress", "Scores", "eval_settings", "finish_eval", "add_eval_arguments",
+           "check_eval_arguments", "add_image_output_arguments"]
 
 WRITE_SUFFIXES = {".png": (8, 16), ".tif": (8, 16), ".tiff": (8, 16), ".jpg": (8,), ".jpeg": (8,)}
 
@@ -207,6 +211,107 @@ def image_file_names(paths: list[Path]) -> list[str]:
     if len(set(stems)) == len(stems):
         return [f"{s}.png" for s in stems]
     return [f"{p.name}.png" for p in paths]  # a.png and a.jpg in one folder: keep the suffix
+
+
+def command_line(program: str, argv=None) -> str:
+    """The command as typed: ``python pipelines/PROGRAM ARGS`` (``argv`` when the program runs in-process)."""
+    return " ".join(["python", f"pipelines/{program}"] + (sys.argv[1:] if argv is None else list(argv)))
+
+
+def progress(n: int, desc: str, quiet: bool):
+    """``range(n)``, with a tqdm bar on stderr unless ``quiet``."""
+    if quiet:
+        return range(n)
+    from tqdm import tqdm
+
+    return tqdm(range(n), desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+class Scores:
+    """Per-image PSNR, SSIM and seconds of several methods, and their means: the evaluation JSON's
+    ``{"methods": {NAME: {"psnr", "ssim", "time_s"}}, "per_image": {NAME: [...]}, "per_image_ssim": ...}``."""
+
+    def __init__(self, names):
+        self.names = list(names)
+        self.psnr = {n: [] for n in self.names}
+        self.ssim = {n: [] for n in self.names}
+        self.time = {n: [] for n in self.names}
+
+    def add(self, name: str, psnr: float, ssim: float, seconds: float) -> None:
+        self.psnr[name].append(psnr)
+        self.ssim[name].append(ssim)
+        self.time[name].append(seconds)
+
+    def result(self) -> dict:
+        summary = {n: {"psnr": float(np.mean(self.psnr[n])), "ssim": float(np.mean(self.ssim[n])),
+                       "time_s": float(np.mean(self.time[n]))} for n in self.names}
+        return {"methods": summary, "per_image": self.psnr, "per_image_ssim": self.ssim}
+
+
+def eval_settings(program: str, argv, args, names: list[str], datasets: dict, weights_info: dict, duplicates: dict,
+                  device: torch.device, seconds: float, *, read_mode: str, first: dict, **specific) -> dict:
+    """The ``settings`` of an evaluation JSON: the command, what the program adds (``specific``), the
+    data, weights and machine."""
+    return {
+        "command": command_line(program, argv),
+        **specific,
+        "data": {name: str(folder) for name, folder in zip(names, args.data)},
+        "images": {name: [p.name for p in paths] for name, (paths, _) in datasets.items()},
+        "max_images": args.max_images,
+        "read_mode": read_mode,
+        "weights": weights_info,
+        "weights_duplicates": duplicates,
+        "tile": args.tile,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": str(torch.__version__),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "seconds": seconds,
+        "first": first,
+    }
+
+
+def finish_eval(args, out: dict) -> dict:
+    """Write ``out`` to ``--json`` (atomically) and say where the outputs are."""
+    if args.json:
+        write_json(Path(args.json), out)
+        print(f"wrote {args.json}")
+    if args.save_images:
+        print(f"images in {args.save_images}")
+    return out
+
+
+def add_eval_arguments(p, save_layout: str) -> None:
+    """The options ``eval_denoise.py`` and ``eval_sr.py`` share (``save_layout``: where ``--save-images``
+    puts an output); check them with :func:`check_eval_arguments`."""
+    p.add_argument("--json", metavar="OUT.json", help="write the results here")
+    p.add_argument("--save-images", metavar="DIR", help=f"write every output as 8-bit PNG: DIR/{save_layout}")
+    p.add_argument("--max-images", type=int, metavar="N", help="only the first N images (sorted order) of each folder")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="inference tile side in pixels (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    add_threads_argument(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def check_eval_arguments(p, args) -> None:
+    """``p.error`` for a ``--max-images`` or ``--tile`` below 1."""
+    if args.max_images is not None and args.max_images < 1:
+        p.error("--max-images must be >= 1")
+    if args.tile < 1:
+        p.error("--tile must be >= 1")
+
+
+def add_image_output_arguments(p, tile_help: str = "tile side in pixels") -> None:
+    """The options ``denoise.py`` and ``upscale.py`` share: ``--bit-depth``, ``--tile``, ``--device``,
+    ``--threads``, ``--overwrite``, ``--quiet``."""
+    p.add_argument("--bit-depth", type=int, choices=(8, 16),
+                   help="bits per sample of OUT (default: the input's for PNG/TIFF, 8 for JPEG)")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help=f"{tile_help} (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    add_threads_argument(p)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never IN)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def format_table(methods: dict) -> str:

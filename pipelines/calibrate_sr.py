@@ -21,7 +21,6 @@ Bad input: one ``calibrate_sr.py: error: ...`` line, exit 2.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -115,7 +114,7 @@ def run(args, argv=None) -> dict:
               f"{v['gain_db']:+.3f} dB over the network as trained)")
     out = {"weights": args.weights, "weights_path": str(path), "scale_temperature": chosen, **res,
            "images": [p.name for p in paths], "device": str(device), "seconds": elapsed,
-           "command": " ".join(["python", f"pipelines/{PROGRAM}"] + (sys.argv[1:] if argv is None else list(argv)))}
+           "command": programs.command_line(PROGRAM, argv)}
     if target is not None:
         model.conf["scale_temperature"] = {**model.conf["scale_temperature"], **chosen}
         meta = dict(getattr(model, "meta", {}))

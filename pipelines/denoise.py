@@ -29,11 +29,11 @@ import numpy as np
 
 
 from n3images import programs
-from n3images.inference import DEFAULT_TILE, denoise_image
+from n3images.inference import denoise_image
 from n3images.io import write_image
 from n3images.models import is_nonblind, noise_level_kwargs
 from n3images.programs import WRITE_SUFFIXES, pick_device, read_input_image
-from n3sets.cli import UsageError, add_threads_argument, errors_exit
+from n3sets.cli import UsageError, errors_exit
 from n3sets.pretrained import weights_name
 from n3sets.training import set_threads
 
@@ -52,13 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--noise-level", type=float, nargs=2, metavar=("A", "B"),
                    help="noise variance a * x + b of a raw-like image (x in [0, 1]; a: shot noise, b: read noise), "
                         "told to a non-blind model")
-    p.add_argument("--bit-depth", type=int, choices=(8, 16),
-                   help="bits per sample of OUT (default: the input's for PNG/TIFF, 8 for JPEG)")
-    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile side in pixels (default %(default)s)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    add_threads_argument(p)
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never IN)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    programs.add_image_output_arguments(p)
     args = p.parse_args(argv)
     if args.tile < 1:
         p.error("--tile must be >= 1")

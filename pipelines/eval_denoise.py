@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -50,14 +49,14 @@ import torch
 
 from n3images import programs
 from n3images.baselines import BASELINES
-from n3images.inference import DEFAULT_TILE, denoise_image
+from n3images.inference import denoise_image
 from n3images.io import write_image
 from n3images.metrics import psnr, ssim
 from n3images.models import noise_level_kwargs
 from n3images.noise import HETERO_EVAL_PAIRS, add_gaussian_noise, hetero_eval_noise, hetero_eval_target
-from n3images.programs import check_writable, dataset_names, format_table, pick_device, write_json
+from n3images.programs import check_writable, dataset_names, format_table, pick_device
 from n3images.programs import image_file_names as _image_file_names
-from n3sets.cli import UsageError, add_threads_argument, errors_exit
+from n3sets.cli import UsageError, errors_exit
 from n3sets.training import set_threads
 
 PROGRAM = "eval_denoise.py"
@@ -83,14 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="image models: shipped names (n3images.available_models()) or weight files; repeatable")
     p.add_argument("--baselines", type=_baseline_list, action="extend", nargs="+", default=[], metavar="LIST",
                    help=f"classical baselines from {{{','.join(BASELINES)}}}, comma- or space-separated (default: none)")
-    p.add_argument("--json", metavar="OUT.json", help="write the results here")
-    p.add_argument("--save-images", metavar="DIR",
-                   help="write every output as 8-bit PNG: DIR/<dataset>/s<sigma>/<method>/<image>.png")
-    p.add_argument("--max-images", type=int, metavar="N", help="only the first N images (sorted order) of each folder")
-    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="inference tile side in pixels (default %(default)s)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    add_threads_argument(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    programs.add_eval_arguments(p, "<dataset>/s<sigma>/<method>/<image>.png")
     args = p.parse_args(argv)
     if args.noise == "hetero" and args.sigma is not None:
         p.error("--sigma does not apply to --noise hetero (the noise levels are HETERO_EVAL_PAIRS)")
@@ -99,10 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for s in args.sigma:
         if not (math.isfinite(s) and 0 < s <= 255):
             p.error(f"--sigma {s:g}: must be in (0, 255] (0-255 scale)")
-    if args.max_images is not None and args.max_images < 1:
-        p.error("--max-images must be >= 1")
-    if args.tile < 1:
-        p.error("--tile must be >= 1")
+    programs.check_eval_arguments(p, args)
     args.baselines = list(dict.fromkeys(n for group in args.baselines for n in group))
     return args
 
@@ -163,16 +152,9 @@ def make_pair(img: np.ndarray, index: int, level: dict) -> tuple[np.ndarray, np.
 
 def evaluate_level(images, level, methods, save_dir: Path | None, file_names, progress_desc, quiet, tile, device):
     """Scores of every method on every image at one noise level."""
-    per_psnr = {name: [] for name in methods}
-    per_ssim = {name: [] for name in methods}
-    per_time = {name: [] for name in methods}
+    scores = programs.Scores(methods)
     sigmas = []
-    it = range(len(images))
-    if not quiet:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc=progress_desc, file=sys.stderr, leave=False, dynamic_ncols=True)
-    for i in it:
+    for i in programs.progress(len(images), progress_desc, quiet):
         clean, noisy, sigma = make_pair(images[i], i, level)
         sigmas.append(sigma)
         if save_dir is not None:
@@ -187,14 +169,10 @@ def evaluate_level(images, level, methods, save_dir: Path | None, file_names, pr
                 out = denoise_image(obj, noisy, tile=tile, device=device, **noise_level_kwargs(obj, level))
             elapsed = time.perf_counter() - t0 if kind != "noisy" else 0.0
             out = np.clip(np.asarray(out, dtype=np.float64), 0.0, 1.0)
-            per_psnr[name].append(psnr(out, clean))
-            per_ssim[name].append(ssim(out, clean))
-            per_time[name].append(elapsed)
+            scores.add(name, psnr(out, clean), ssim(out, clean), elapsed)
             if save_dir is not None:
                 write_image(save_dir / name / file_names[i], out)
-    summary = {name: {"psnr": float(np.mean(per_psnr[name])), "ssim": float(np.mean(per_ssim[name])),
-                      "time_s": float(np.mean(per_time[name]))} for name in methods}
-    out = {"methods": summary, "per_image": per_psnr, "per_image_ssim": per_ssim}
+    out = scores.result()
     if "sigma" not in level:
         out["baseline_sigma"] = sigmas  # the per-image sigma the Gaussian baselines were given
     return out
@@ -253,38 +231,16 @@ def run(args, argv) -> dict:
 
     first_ds = next(iter(results.values()))
     first = first_ds[level_key][levels[0][0]]["methods"]
-    settings = {
-        "command": " ".join(["python", f"pipelines/{PROGRAM}"] + (sys.argv[1:] if argv is None else list(argv))),
-        "noise": args.noise,
-        "protocol": ("gaussian: add_gaussian_noise(img, sigma, i), outputs clipped to [0, 1]"
-                     if args.noise == "gaussian" else
-                     "hetero: target hetero_eval_target(img, i), input hetero_eval_noise(target, a, b, i), outputs "
-                     "clipped to [0, 1]; Gaussian baselines given sigma = sqrt(mean(a * target + b)) * 255 per image"),
-        "data": {name: str(folder) for name, folder in zip(names, args.data)},
-        "images": {name: [p.name for p in paths] for name, (paths, _) in datasets.items()},
-        "max_images": args.max_images,
-        "read_mode": "gray",
-        level_key: ([float(s) for s in dict.fromkeys(args.sigma)] if args.noise == "gaussian"
-                    else [{"key": k, **lv} for k, _, lv in levels]),
-        "baselines": args.baselines,
-        "weights": weights_info,
-        "weights_duplicates": duplicates,
-        "tile": args.tile,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "torch": str(torch.__version__),
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "seconds": elapsed,
-        "first": {"dataset": next(iter(results)), level_key: levels[0][0]},
-    }
-    out = {"methods": first, "datasets": results, "settings": settings}
-    if args.json:
-        write_json(Path(args.json), out)
-        print(f"wrote {args.json}")
-    if args.save_images:
-        print(f"images in {args.save_images}")
-    return out
+    protocol = ("gaussian: add_gaussian_noise(img, sigma, i), outputs clipped to [0, 1]" if args.noise == "gaussian" else
+                "hetero: target hetero_eval_target(img, i), input hetero_eval_noise(target, a, b, i), outputs clipped "
+                "to [0, 1]; Gaussian baselines given sigma = sqrt(mean(a * target + b)) * 255 per image")
+    levels_json = ([float(s) for s in dict.fromkeys(args.sigma)] if args.noise == "gaussian"
+                   else [{"key": k, **lv} for k, _, lv in levels])
+    settings = programs.eval_settings(
+        PROGRAM, argv, args, names, datasets, weights_info, duplicates, device, elapsed, read_mode="gray",
+        first={"dataset": next(iter(results)), level_key: levels[0][0]}, noise=args.noise, protocol=protocol,
+        **{level_key: levels_json}, baselines=args.baselines)
+    return programs.finish_eval(args, {"methods": first, "datasets": results, "settings": settings})
 
 
 def main(argv=None) -> dict:

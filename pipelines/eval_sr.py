@@ -34,7 +34,6 @@ and Cr), 8-bit.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -43,12 +42,11 @@ import numpy as np
 import torch
 
 from n3images import programs
-from n3images.inference import DEFAULT_TILE
 from n3images.io import write_image
 from n3images.metrics import modcrop, rgb_to_ycbcr, ycbcr_to_rgb
 from n3images.sr import bicubic_up, degrade, downscale, from_luma, sr_scores, super_resolve, to_luma
-from n3images.programs import check_writable, dataset_names, format_table, pick_device, write_json
-from n3sets.cli import UsageError, add_threads_argument, errors_exit
+from n3images.programs import check_writable, dataset_names, format_table, pick_device
+from n3sets.cli import UsageError, errors_exit
 from n3sets.training import set_threads
 
 PROGRAM = "eval_sr.py"
@@ -66,22 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="upscaling factors (default: 2 3 4)")
     p.add_argument("--weights", action="extend", nargs="+", default=[], metavar="NAME_OR_PATH",
                    help="super-resolution models: shipped names (n3images.available_models()) or weight files")
-    p.add_argument("--json", metavar="OUT.json", help="write the results here")
-    p.add_argument("--save-images", metavar="DIR", help="write every output as 8-bit PNG: DIR/<dataset>/x<S>/<method>/<image>.png")
-    p.add_argument("--max-images", type=int, metavar="N", help="only the first N images (sorted order) of each folder")
-    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="inference tile side in pixels (default %(default)s)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    add_threads_argument(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    programs.add_eval_arguments(p, "<dataset>/x<S>/<method>/<image>.png")
     args = p.parse_args(argv)
     bad = [s for s in args.scale if s < 2]
     if bad:
         p.error(f"--scale {bad[0]}: scales are integers >= 2")
     args.scale = list(dict.fromkeys(args.scale))
-    if args.max_images is not None and args.max_images < 1:
-        p.error("--max-images must be >= 1")
-    if args.tile < 1:
-        p.error("--tile must be >= 1")
+    programs.check_eval_arguments(p, args)
     return args
 
 
@@ -107,16 +96,8 @@ def _model_notes(weights_info: dict, scales: list[int]) -> None:
 def evaluate_scale(images, scale: int, models: dict, save_dir: Path | None, file_names, desc: str, quiet: bool,
                    tile: int, device) -> dict:
     """Scores of bicubic and every model on every image at one scale."""
-    names = [f"bicubic@x{scale}"] + [f"{n}@x{scale}" for n in models]
-    per_psnr = {n: [] for n in names}
-    per_ssim = {n: [] for n in names}
-    per_time = {n: [] for n in names}
-    it = range(len(images))
-    if not quiet:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
-    for i in it:
+    scores = programs.Scores([f"bicubic@x{scale}"] + [f"{n}@x{scale}" for n in models])
+    for i in programs.progress(len(images), desc, quiet):
         img = modcrop(images[i], scale)
         hr = to_luma(img, quantize=True)
         lr = downscale(hr, scale)
@@ -129,16 +110,10 @@ def evaluate_scale(images, scale: int, models: dict, save_dir: Path | None, file
             y = super_resolve(model, bicubic, tile=tile, device=device, scale=scale)
             outputs[name] = (y, t_bicubic + time.perf_counter() - t0)
         for name, (y, seconds) in outputs.items():
-            key = f"{name}@x{scale}"
-            p, s = sr_scores(y, hr, scale)
-            per_psnr[key].append(p)
-            per_ssim[key].append(s)
-            per_time[key].append(seconds)
+            scores.add(f"{name}@x{scale}", *sr_scores(y, hr, scale), seconds)
         if save_dir is not None:
             _save(save_dir, file_names[i], img, scale, outputs)
-    summary = {n: {"psnr": float(np.mean(per_psnr[n])), "ssim": float(np.mean(per_ssim[n])),
-                   "time_s": float(np.mean(per_time[n]))} for n in names}
-    return {"methods": summary, "per_image": per_psnr, "per_image_ssim": per_ssim}
+    return scores.result()
 
 
 def _save(save_dir: Path, file_name: str, img: np.ndarray, scale: int, outputs: dict) -> None:
@@ -181,33 +156,11 @@ def run(args, argv) -> dict:
 
     first = next(iter(results.values()))
     methods = {n: m for s in args.scale for n, m in first["scale"][str(s)]["methods"].items()}
-    settings = {
-        "command": " ".join(["python", f"pipelines/{PROGRAM}"] + (sys.argv[1:] if argv is None else list(argv))),
-        "task": "super-resolution",
-        "protocol": PROTOCOL,
-        "data": {name: str(folder) for name, folder in zip(names, args.data)},
-        "images": {name: [p.name for p in paths] for name, (paths, _) in datasets.items()},
-        "max_images": args.max_images,
-        "read_mode": "auto",
-        "scale": [int(s) for s in args.scale],
-        "weights": weights_info,
-        "weights_duplicates": duplicates,
-        "tile": args.tile,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "torch": str(torch.__version__),
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "seconds": elapsed,
-        "first": {"dataset": next(iter(results))},
-    }
-    out = {"methods": methods, "datasets": results, "settings": settings}
-    if args.json:
-        write_json(Path(args.json), out)
-        print(f"wrote {args.json}")
-    if args.save_images:
-        print(f"images in {args.save_images}")
-    return out
+    settings = programs.eval_settings(
+        PROGRAM, argv, args, names, datasets, weights_info, duplicates, device, elapsed, read_mode="auto",
+        first={"dataset": next(iter(results))}, task="super-resolution", protocol=PROTOCOL,
+        scale=[int(s) for s in args.scale])
+    return programs.finish_eval(args, {"methods": methods, "datasets": results, "settings": settings})
 
 
 def main(argv=None) -> dict:

@@ -24,11 +24,10 @@ from pathlib import Path
 
 
 from n3images import programs
-from n3images.inference import DEFAULT_TILE
 from n3images.io import write_image
 from n3images.programs import WRITE_SUFFIXES, pick_device, read_input_image
 from n3images.sr import upscale_image
-from n3sets.cli import UsageError, add_threads_argument, errors_exit
+from n3sets.cli import UsageError, errors_exit
 from n3sets.training import set_threads
 from n3sets.pretrained import weights_name
 
@@ -43,13 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale", type=int, required=True, help="upscaling factor (an integer >= 2)")
     p.add_argument("--weights", required=True, metavar="NAME_OR_PATH",
                    help="super-resolution model: a shipped name (n3images.available_models()), a weight file, or 'bicubic'")
-    p.add_argument("--bit-depth", type=int, choices=(8, 16),
-                   help="bits per sample of OUT (default: the input's for PNG/TIFF, 8 for JPEG)")
-    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile side in output pixels (default %(default)s)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    add_threads_argument(p)
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never IN)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    programs.add_image_output_arguments(p, "tile side in output pixels")
     args = p.parse_args(argv)
     if args.scale < 2:
         p.error(f"--scale {args.scale}: must be an integer >= 2")

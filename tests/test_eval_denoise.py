@@ -250,3 +250,18 @@ def test_subprocess_error_exit_code(env, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert str(tmp_path / "missing") in proc.stderr
+
+
+def test_scores_layout_shared_by_both_evaluations():
+    from n3images.programs import Scores
+
+    scores = Scores(["a", "b"])
+    scores.add("a", 30.0, 0.8, 0.5)
+    scores.add("b", 20.0, 0.5, 0.0)
+    scores.add("a", 32.0, 0.9, 1.5)
+    scores.add("b", 22.0, 0.7, 0.0)
+    res = scores.result()
+    assert list(res) == ["methods", "per_image", "per_image_ssim"]
+    assert res["methods"]["a"] == pytest.approx({"psnr": 31.0, "ssim": 0.85, "time_s": 1.0})
+    assert res["methods"]["b"]["psnr"] == pytest.approx(21.0)
+    assert res["per_image"] == {"a": [30.0, 32.0], "b": [20.0, 22.0]} and res["per_image_ssim"]["b"] == [0.5, 0.7]
