@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import multiprocessing as mp
 import os
 import re
@@ -63,6 +62,8 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+
+from n3sets.cli import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -639,11 +640,7 @@ def main(argv=None) -> int:
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     report["table_markdown"] = tables(report["results"])
     print(report["table_markdown"])
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(args.json, report, indent=2)
     return 0
 
 

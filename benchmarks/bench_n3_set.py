@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from n3sets.cli import write_json
+
 GIB = 1024 ** 3
 
 
@@ -178,10 +180,7 @@ def main(argv=None):
     report["table_markdown"] = table
     print(table)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, report, indent=2)
     return 0
 
 

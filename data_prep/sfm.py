@@ -38,7 +38,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 
 from .colmap_export import COLMAP_PIXEL_OFFSET, list_images, parse_intrinsics, run_mapper
 

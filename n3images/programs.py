@@ -8,11 +8,8 @@ report tile progress with them.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from n3sets.cli import UsageError, add_threads_argument, check_writable_folder
+from n3sets.cli import UsageError, add_threads_argument, check_writable_folder, write_json
 from n3sets.pretrained import resolve_weights, weights_name
 from n3sets.training import resolve_device
 
@@ -189,21 +186,6 @@ def read_input_image(inp: Path, out: Path, overwrite: bool, bit_depth: int | Non
     if not np.isfinite(image).all():
         raise UsageError(f"IN {inp}: the image holds NaN or infinite values")
     return image, in_depth
-
-def write_json(path: Path, obj: dict) -> None:
-    """``obj`` as indented JSON at ``path``, atomically (temporary file + ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=1) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def image_file_names(paths: list[Path]) -> list[str]:
     """PNG file names for saved outputs: the stems, or the full names when two stems collide."""

@@ -6,6 +6,7 @@ A program raises :class:`UsageError` (or lets a library ``ValueError`` / ``FileN
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["UsageError", "one_line", "errors_exit", "check_writable_folder", "load_weights_arg", "DEFAULT_THREADS",
-           "resolve_threads", "add_threads_argument"]
+           "resolve_threads", "add_threads_argument", "write_json"]
 
 #: what a program reports as bad input (one line, exit 2) rather than as a crash
 INPUT_ERRORS = (ValueError, FileNotFoundError, OSError)
@@ -41,6 +42,24 @@ def errors_exit(program: str):
     except INPUT_ERRORS as exc:
         print(f"{program}: error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def write_json(path, obj, indent: int = 1) -> Path:
+    """``obj`` as indented JSON at ``path``, atomically: a temporary file in the same folder, then
+    ``os.replace`` (an interrupted run leaves the old file or none, never half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, indent=indent) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def check_writable_folder(folder, label: str) -> None:

@@ -8,7 +8,6 @@ imported only when a plot or a progress bar is made.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import shlex
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cli import DEFAULT_THREADS, resolve_threads
+from .cli import DEFAULT_THREADS, resolve_threads, write_json
 from .pretrained import atomic_torch_save
 
 __all__ = ["resolve_device", "DEFAULT_THREADS", "resolve_threads", "set_threads", "torch_threads",
@@ -205,9 +204,7 @@ def write_logs(out: Path, history: list[dict], info: dict, csv_fields: Sequence[
         for row in history:
             writer.writerow({k: row.get(k, "") for k in fields})
     os.replace(tmp, out / "log.csv")
-    tmp = out / "log.json.tmp"
-    tmp.write_text(json.dumps({**info, "history": history}, indent=2))
-    os.replace(tmp, out / "log.json")
+    write_json(out / "log.json", {**info, "history": history}, indent=2)
     if plot_fn is None:
         return
     try:

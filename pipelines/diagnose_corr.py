@@ -25,15 +25,14 @@ on a test scene.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-from n3sets.cli import UsageError, add_threads_argument, errors_exit, check_writable_folder, load_weights_arg, one_line
+from n3sets.cli import (UsageError, add_threads_argument, check_writable_folder, errors_exit, load_weights_arg, one_line,
+                        write_json)
 from n3sets.essential import logits_to_weights
 from n3sets.evaluation import eight_point_pose, model_logits
 from n3sets.metrics import mean_average_precision
@@ -132,10 +131,7 @@ def run(args, argv=None) -> dict:
         print(f"{name:38s} {m['mAP5']:6.3f} {m['mAP10']:6.3f} {m['mAP20']:6.3f} {m['median_error_deg']:7.2f} "
               f"{'' if share is None else f'{share:14.3f}'}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, args.json)
+        write_json(args.json, results)
     return results
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from n3sets.cli import UsageError, add_threads_argument, errors_exit, check_writable_folder, load_weights_arg, one_line
+from n3sets.cli import (UsageError, add_threads_argument, check_writable_folder, errors_exit, load_weights_arg, one_line,
+                        write_json)
 from n3sets.evaluation import BASELINES, evaluate_correspondences
 from n3sets.robust import DEFAULT_MAX_ITERS, DEFAULT_THRESHOLDS
 from n3sets.training import torch_threads
@@ -252,12 +252,7 @@ def run(args, argv=None) -> dict:
           f"max iters {args.max_iters})")
     print(format_table(result["methods"]))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        os.replace(tmp, path)
-        print(f"wrote {path}")
+        print(f"wrote {write_json(args.json, out)}")
     if args.png:
         plot_curves(result, Path(args.png), f"{data.name}: {result['num_pairs']} pairs")
         print(f"wrote {args.png}")

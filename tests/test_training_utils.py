@@ -149,3 +149,19 @@ def test_module_is_generic_and_cheap_to_import():
             "bad = [m for m in ('matplotlib', 'n3sets.models') if m in sys.modules]; "
             "assert not bad, bad; assert t.atomic_torch_save.__module__ == 'n3sets.pretrained'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_write_json_is_atomic_and_leaves_no_temporary(tmp_path):
+    from n3sets.cli import write_json
+
+    path = tmp_path / "sub" / "r.json"
+    assert write_json(path, {"a": [1, 2]}) == path
+    assert json.loads(path.read_text()) == {"a": [1, 2]} and path.read_text().endswith("\n")
+
+    class Unserialisable:
+        pass
+
+    with pytest.raises(TypeError):
+        write_json(path, {"a": Unserialisable()})
+    assert json.loads(path.read_text()) == {"a": [1, 2]}  # the old file survives a failed write
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]
