@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["UsageError", "one_line", "errors_exit", "check_writable_folder", "load_weights_arg", "DEFAULT_THREADS",
-           "resolve_threads", "add_threads_argument", "write_json"]
+           "resolve_threads", "add_threads_argument", "atomic_write", "write_json"]
 
 #: what a program reports as bad input (one line, exit 2) rather than as a crash
 INPUT_ERRORS = (ValueError, FileNotFoundError, OSError)
@@ -44,22 +44,35 @@ def errors_exit(program: str):
         raise SystemExit(2) from None
 
 
-def write_json(path, obj, indent: int = 1) -> Path:
-    """``obj`` as indented JSON at ``path``, atomically: a temporary file in the same folder, then
-    ``os.replace`` (an interrupted run leaves the old file or none, never half a file)."""
+@contextmanager
+def atomic_write(path, mode: str = "w"):
+    """Open a temporary file beside ``path`` for writing; when the block ends normally it is flushed to
+    disk, given the permissions a plain ``open`` would and moved onto ``path`` with ``os.replace``;
+    when it raises, it is removed. An interrupted write leaves the old file or none, never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=indent) + "\n")
-        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)  # mkstemp makes the file private (0600)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def write_json(path, obj, indent: int = 1) -> Path:
+    """``obj`` as indented JSON at ``path``, atomically (:func:`atomic_write`)."""
+    text = json.dumps(obj, indent=indent) + "\n"  # fails before anything is written
+    with atomic_write(path) as f:
+        f.write(text)
+    return Path(path)
 
 
 def check_writable_folder(folder, label: str) -> None:

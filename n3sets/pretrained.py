@@ -25,10 +25,11 @@ and per task (``correspondence``, ``denoising``, ``super-resolution``) the names
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .cli import atomic_write
 
 __all__ = ["save_model", "load_model", "read_weight_file", "read_checkpoint", "check_weight_payload",
            "checkpoint_payload", "build_model", "resolve_weights", "weights_name", "available_models",
@@ -199,24 +200,9 @@ def _plain(value, where: str):
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the target folder, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def save_model(path: str | os.PathLike, model: torch.nn.Module, **meta: object) -> Path:

@@ -1,6 +1,7 @@
 """n3sets.training: the generic trainer machinery (schedule, run-folder checks, logs, checkpoints)."""
 import csv
 import json
+import os
 import random
 import subprocess
 import sys
@@ -165,3 +166,19 @@ def test_write_json_is_atomic_and_leaves_no_temporary(tmp_path):
         write_json(path, {"a": Unserialisable()})
     assert json.loads(path.read_text()) == {"a": [1, 2]}  # the old file survives a failed write
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from n3sets.cli import atomic_write
+
+    path = tmp_path / "w.bin"
+    with atomic_write(path, "wb") as f:
+        f.write(b"first")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_bytes() == b"first" and path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it
+    with pytest.raises(RuntimeError):
+        with atomic_write(path, "wb") as f:
+            f.write(b"half")
+            raise RuntimeError("interrupted")
+    assert path.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["w.bin"]
