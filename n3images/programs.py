@@ -22,12 +22,13 @@ from n3sets.pretrained import resolve_weights, weights_name
 from n3sets.training import resolve_device
 
 from .inference import DEFAULT_TILE
-from .io import image_bit_depth, list_images, read_image, same_file
+from .io import image_bit_depth, list_images, read_image, same_file, write_image
 
 __all__ = ["WRITE_SUFFIXES", "pick_device", "load_image_model", "sha256", "load_models", "load_dataset", "dataset_names",
            "check_writable", "check_output", "write_json", "image_file_names", "format_table", "TileProgress",
            "command_line", "progress", "Scores", "eval_settings", "finish_eval", "add_eval_arguments",
-           "check_eval_arguments", "add_image_output_arguments"]
+           "check_eval_arguments", "add_image_output_arguments",
+           "output_bit_depth", "write_output"]
 
 WRITE_SUFFIXES = {".png": (8, 16), ".tif": (8, 16), ".tiff": (8, 16), ".jpg": (8,), ".jpeg": (8,)}
 
@@ -193,6 +194,19 @@ def image_file_names(paths: list[Path]) -> list[str]:
     if len(set(stems)) == len(stems):
         return [f"{s}.png" for s in stems]
     return [f"{p.name}.png" for p in paths]  # a.png and a.jpg in one folder: keep the suffix
+
+
+def output_bit_depth(out: Path, requested: int | None, in_depth: int) -> int:
+    """Bits per sample of OUT: ``--bit-depth``, else the input's (at most 16) where the format holds it, else 8."""
+    return requested or (8 if WRITE_SUFFIXES[out.suffix.lower()] == (8,) else min(in_depth, 16))
+
+
+def write_output(out: Path, image: np.ndarray, bit_depth: int, inp: Path) -> Path:
+    """Write a program's result (never over ``inp``); UsageError naming OUT when it cannot be written."""
+    try:
+        return write_image(out, image, bit_depth=bit_depth, protect=inp)
+    except OSError as exc:
+        raise UsageError(f"OUT {out}: cannot write: {exc}") from None
 
 
 def command_line(program: str, argv=None) -> str:

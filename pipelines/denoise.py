@@ -30,9 +30,8 @@ import numpy as np
 
 from n3images import programs
 from n3images.inference import denoise_image
-from n3images.io import write_image
 from n3images.models import is_nonblind, noise_level_kwargs
-from n3images.programs import WRITE_SUFFIXES, pick_device, read_input_image
+from n3images.programs import pick_device, read_input_image
 from n3sets.cli import UsageError, errors_exit
 from n3sets.pretrained import weights_name
 from n3sets.training import set_threads
@@ -124,8 +123,7 @@ def run(args) -> dict:
     if message:
         print(f"{PROGRAM}: {message}", file=sys.stderr)
 
-    suffix = out.suffix.lower()
-    bit_depth = args.bit_depth or (8 if WRITE_SUFFIXES[suffix] == (8,) else min(in_depth, 16))
+    bit_depth = programs.output_bit_depth(out, args.bit_depth, in_depth)
     grey_in = image.ndim == 2
     model_channels = model.conf.get("channels", 1)
     x = np.repeat(image[..., None], 3, axis=2) if (grey_in and model_channels == 3) else image
@@ -137,10 +135,7 @@ def run(args) -> dict:
     if grey_in and result.ndim == 3:
         result = result.mean(axis=2)
     result = np.clip(result, 0.0, 1.0)
-    try:
-        written = write_image(out, result, bit_depth=bit_depth, protect=inp)
-    except OSError as exc:
-        raise UsageError(f"OUT {out}: cannot write: {exc}") from None
+    written = programs.write_output(out, result, bit_depth, inp)
 
     h, w = image.shape[:2]
     kind = "grey" if grey_in else "RGB"

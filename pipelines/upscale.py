@@ -24,8 +24,7 @@ from pathlib import Path
 
 
 from n3images import programs
-from n3images.io import write_image
-from n3images.programs import WRITE_SUFFIXES, pick_device, read_input_image
+from n3images.programs import pick_device, read_input_image
 from n3images.sr import upscale_image
 from n3sets.cli import UsageError, errors_exit
 from n3sets.training import set_threads
@@ -79,16 +78,12 @@ def run(args) -> dict:
         if message:
             print(f"{PROGRAM}: {message}", file=sys.stderr)
 
-    suffix = out.suffix.lower()
-    bit_depth = args.bit_depth or (8 if WRITE_SUFFIXES[suffix] == (8,) else min(in_depth, 16))
+    bit_depth = programs.output_bit_depth(out, args.bit_depth, in_depth)
     progress = programs.TileProgress(not args.quiet and model is not None, "upscaling")
     t0 = time.perf_counter()
     result = upscale_image(model, image, args.scale, tile=args.tile, device=device, progress=progress)
     elapsed = time.perf_counter() - t0
-    try:
-        written = write_image(out, result, bit_depth=bit_depth, protect=inp)
-    except OSError as exc:
-        raise UsageError(f"OUT {out}: cannot write: {exc}") from None
+    written = programs.write_output(out, result, bit_depth, inp)
 
     kind = "grey" if image.ndim == 2 else "RGB"
     H, W = result.shape[:2]
