@@ -28,7 +28,9 @@ and ``seeds-s50`` are its halves) or ``ablation`` (N3Net k = 1, k = 4,
 hard-KNN and an 18-layer DnCNN at the shipped sigma-25 schedule, evaluated on urban10) or ``k1``
 (N3Net with k = 1: a second seed at sigma 25, and sigma 50 at the shipped sigma-50 schedule) or ``sr``
 (at the shipped SR schedule: a ``scale_aware`` N3Net-SR, whose temperature CNNs are told the
-scale, and both SR models again with seed 1 for the seed spread) or ``hetero`` (heteroscedastic
+scale, and both SR models again with seed 1 for the seed spread) or ``sr-prior`` (at the shipped SR
+schedule: a scale-aware N3Net-SR with the per-scale temperature factors 10 / 0.5 / 0.1 as a fixed prior,
+two seeds, and VDSR with seed 2) or ``hetero`` (heteroscedastic
 raw-like noise at the shipped sigma-25 schedule: blind N3Net, non-blind N3Net and non-blind DnCNN,
 which are told the noise level, evaluated with ``eval_denoise.py --noise hetero`` on set12, bsd68
 and urban10). Plans with fixed schedules skip the probe. ``--no-eval`` trains only (evaluate later, e.g. on a CPU).
@@ -73,6 +75,14 @@ def _seed1(sigma: str, schedule: dict) -> dict:
 
 
 NONBLIND = ["--model-conf", json.dumps({"noise_input": "level"})]
+# the per-scale temperature factors that calibrate_sr.py chose for n3net-sr-x234 on validation, as a fixed prior
+# under scale-aware temperature CNNs: the route (calibrate, then train scale-aware) that put N3Net-SR above VDSR at x4
+SR_PRIOR = ["--model-conf", json.dumps({"scale_aware": True, "scale_temperature": {"2": 10.0, "3": 0.5, "4": 0.1}})]
+
+
+def _sr(model: str, extra=()) -> dict:
+    return {"program": "train_sr", "pair": "sr", "schedule": SCHEDULE_SR, "eval": ("sr",),
+            "args": ["--model", model] + SR + list(extra)}
 
 # plan -> {name: job}; the members of a pair share one schedule: the probe's (schedule None) or a fixed one
 PLANS = {
@@ -105,12 +115,15 @@ PLANS = {
     },
     # super-resolution: the trained per-scale temperature, and the seed spread of the shipped pair
     "sr": {
-        "n3net-sr-aware-x234": {"program": "train_sr", "pair": "sr", "schedule": SCHEDULE_SR, "eval": ("sr",),
-                                "args": ["--model", "n3net", "--model-conf", json.dumps({"scale_aware": True})] + SR},
-        "n3net-sr-x234-seed1": {"program": "train_sr", "pair": "sr", "schedule": SCHEDULE_SR, "eval": ("sr",),
-                                "args": ["--model", "n3net", "--seed", "1"] + SR},
-        "vdsr-x234-seed1": {"program": "train_sr", "pair": "sr", "schedule": SCHEDULE_SR, "eval": ("sr",),
-                            "args": ["--model", "vdsr", "--seed", "1"] + SR},
+        "n3net-sr-aware-x234": _sr("n3net", ["--model-conf", json.dumps({"scale_aware": True})]),
+        "n3net-sr-x234-seed1": _sr("n3net", ["--seed", "1"]),
+        "vdsr-x234-seed1": _sr("vdsr", ["--seed", "1"]),
+    },
+    # super-resolution from scratch with the temperature prior, two seeds, and a third VDSR seed
+    "sr-prior": {
+        "n3net-sr-prior-x234": _sr("n3net", SR_PRIOR),
+        "n3net-sr-prior-x234-seed1": _sr("n3net", SR_PRIOR + ["--seed", "1"]),
+        "vdsr-x234-seed2": _sr("vdsr", ["--seed", "2"]),
     },
     # heteroscedastic noise: blind against non-blind (told (a, b)), the same schedule
     "hetero": {
