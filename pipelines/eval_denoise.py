@@ -55,7 +55,6 @@ from n3images.metrics import psnr, ssim
 from n3images.models import noise_level_kwargs
 from n3images.noise import HETERO_EVAL_PAIRS, add_gaussian_noise, hetero_eval_noise, hetero_eval_target
 from n3images.programs import check_writable, dataset_names, format_table, pick_device
-from n3images.programs import image_file_names as _image_file_names
 from n3sets.cli import UsageError, errors_exit
 from n3sets.training import set_threads
 
@@ -217,7 +216,7 @@ def run(args, argv) -> dict:
     start = time.perf_counter()
     results = {}
     for (dname, (paths, images)), folder in zip(datasets.items(), args.data):
-        file_names = _image_file_names(paths)
+        file_names = programs.image_file_names(paths)
         results[dname] = {"folder": str(folder), "num_images": len(images), level_key: {}}
         for key, sub, level in levels:
             save_dir = Path(args.save_images) / dname / sub if args.save_images else None
