@@ -191,9 +191,13 @@ def calibrate_temperature(model: torch.nn.Module, luma_images, scales=SCALES, fa
     """Choose, per scale, the factor on the N3 blocks' temperatures that maximises the mean
     validation PSNR (:func:`validation_pairs`, :func:`sr_scores`) of an N3Net-SR.
 
-    The model is left unchanged: the caller stores the result in ``conf["scale_temperature"]``.
-    A tie keeps the factor nearest to 1 (in ratio). Returns ``{"factors": [...], "scales":
-    {"2": {"psnr": {factor: dB}, "best": factor, "gain_db": best - as trained}, ...}}``.
+    Factors are absolute (they replace, not multiply, ``conf["scale_temperature"]``). Besides
+    ``factors``, every scale tries 1 (the temperature CNNs' own output) and the model's current
+    factor for that scale, so a model calibrated before, or trained with factors in its
+    configuration, is measured as it is. A tie keeps the factor nearest to the current one (in
+    ratio). The model is left unchanged: the caller stores the result in
+    ``conf["scale_temperature"]``. Returns ``{"factors": [...], "num_images": n, "scales": {"2":
+    {"psnr": {factor: dB}, "current": factor, "best": factor, "gain_db": best - current}, ...}}``.
     """
     table = getattr(model, "conf", {}).get("scale_temperature")
     if not isinstance(table, dict):
@@ -210,17 +214,18 @@ def calibrate_temperature(model: torch.nn.Module, luma_images, scales=SCALES, fa
     try:
         for s in scales:
             key = str(check_scale(s))
+            current = float(saved.get(key, 1.0))
             mean = {}
-            for f in factors:
+            for f in sorted(set(factors) | {current}):
                 table[key] = f
                 scores = [sr_scores(super_resolve(model, inp, tile=None, device=device, scale=s), hr, s)[0]
                           for inp, hr, sc in pairs if sc == s]
                 mean[f] = float(np.mean(scores))
                 if progress:
-                    progress(f"x{s} factor {f:g}: {mean[f]:.3f} dB")
-            best = max(factors, key=lambda f: (round(mean[f], 6), -abs(np.log(f))))
-            result["scales"][key] = {"psnr": {f"{f:g}": mean[f] for f in factors}, "best": best,
-                                     "gain_db": mean[best] - mean[1.0]}
+                    progress(f"x{s} factor {f:g}{' (current)' if f == current else ''}: {mean[f]:.3f} dB")
+            best = max(mean, key=lambda f: (round(mean[f], 6), -abs(np.log(f / current))))
+            result["scales"][key] = {"psnr": {f"{f:g}": mean[f] for f in mean}, "current": current, "best": best,
+                                     "gain_db": mean[best] - mean[current]}
     finally:
         table.clear()
         table.update(saved)

@@ -7,11 +7,14 @@
 One N3Net-SR serves every scale, but its temperature CNNs see only the bicubic image, not the
 scale, so they cannot make the neighbour weights softer at one scale and sharper at another. For
 every ``--scales`` factor this program multiplies the temperatures of all N3 blocks by each of
-``--factors`` (1, the network as trained, is always tried), scores the validation images exactly
-as ``train_sr.py`` validates (the last ``--val-count`` images of ``--data`` in sorted order, the
-trainer's held-out split; or every image of ``--val DIR``; luma, MATLAB bicubic degradation,
-PSNR on Y with ``scale`` pixels shaved), and keeps the factor with the best mean PSNR (a tie
-keeps the factor nearest to 1). ``--export`` writes a weight file with the same weights and
+``--factors`` (1, the temperature CNNs' own output, and the model's current factor for that scale
+are always tried), scores the validation images exactly as ``train_sr.py`` validates (luma,
+MATLAB bicubic degradation, PSNR on Y with ``scale`` pixels shaved), and keeps the factor with
+the best mean PSNR (a tie keeps the current factor). The validation images are the last
+``--val-count`` images of ``--data`` in sorted order (the trainer's held-out split), or those of
+``--val``: folders (every image in them) and image files, for example scenes that resemble the
+images the model will be used on; ``--crop N`` takes the central N x N pixels of each.
+``--export`` writes a weight file with the same weights and
 ``conf["scale_temperature"] = {"2": f2, ...}``; ``eval_sr.py`` and ``upscale.py`` pass the scale to
 the model, which then uses its factor. Choose the factors on validation images only, never on
 a test set.
@@ -28,7 +31,7 @@ import numpy as np
 
 from n3images import WEIGHTS_DIR, programs
 from n3images.data import split_train_val
-from n3images.io import read_image
+from n3images.io import list_images, read_image
 from n3images.models import N3NetSR
 from n3images.programs import UsageError, check_writable, pick_device, write_json
 from n3images.sr import DEFAULT_FACTORS, SCALES, calibrate_temperature, to_luma
@@ -45,8 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", required=True, metavar="NAME_OR_PATH", help="an N3Net-SR: shipped name or weight file")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", metavar="DIR", help="the training folder; its last --val-count images are used")
-    src.add_argument("--val", metavar="DIR", help="a folder of validation images (all used)")
+    src.add_argument("--val", nargs="+", metavar="PATH",
+                     help="validation images: folders (every image in them) and image files")
     p.add_argument("--val-count", type=int, default=8, help="held-out images of --data (default 8, as train_sr.py)")
+    p.add_argument("--crop", type=int, metavar="N",
+                   help="use the central N x N pixels of each validation image (default: whole images)")
     p.add_argument("--scales", type=int, nargs="+", default=list(SCALES), metavar="S", help="scales to calibrate")
     p.add_argument("--factors", type=float, nargs="+", default=list(DEFAULT_FACTORS), metavar="F",
                    help="temperature factors tried (1 is always added; default %(default)s)")
@@ -68,9 +74,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def validation_images(args) -> tuple[list[Path], list[np.ndarray]]:
-    """The validation lumas (float32, 8-bit quantised, as train_sr.py prepares them)."""
+    """The validation lumas (float32, 8-bit quantised, as train_sr.py prepares them), centre-cropped
+    to ``--crop``."""
     if args.val:
-        paths, images = programs.load_dataset(args.val, None, "auto")
+        paths, images = [], []
+        for spec in args.val:
+            try:
+                found = list_images(spec) if Path(spec).is_dir() else [Path(spec)]
+                images += [read_image(path, "auto") for path in found]
+            except (ValueError, FileNotFoundError) as exc:
+                raise UsageError(f"--val {spec}: {one_line(exc)}") from None
+            paths += found
     else:
         try:
             _, val_paths = split_train_val(args.data, args.val_count)
@@ -82,10 +96,21 @@ def validation_images(args) -> tuple[list[Path], list[np.ndarray]]:
                 images.append(read_image(path, "auto"))
             except (ValueError, FileNotFoundError) as exc:
                 raise UsageError(f"--data {args.data}: {one_line(exc)}") from None
+    if args.crop:
+        images = [centre_crop(img, args.crop) for img in images]
     return paths, [to_luma(img, quantize=True).astype(np.float32) for img in images]
 
 
+def centre_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` x ``size`` pixels of ``img`` (the whole side where it is shorter)."""
+    h, w = img.shape[:2]
+    r, c = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return img[r:r + size, c:c + size]
+
+
 def run(args, argv=None) -> dict:
+    if args.crop is not None and args.crop < 16:
+        raise UsageError(f"--crop must be at least 16 pixels, got {args.crop}")
     device = pick_device(args.device)
     model, path = programs.load_image_model(args.weights, task="super-resolution")
     if not isinstance(model, N3NetSR):
@@ -111,9 +136,9 @@ def run(args, argv=None) -> dict:
     for k, v in res["scales"].items():
         best_db = v["psnr"][f"{v['best']:g}"]
         print(f"x{k}: factor {v['best']:g} ({best_db:.3f} dB, "
-              f"{v['gain_db']:+.3f} dB over the network as trained)")
+              f"{v['gain_db']:+.3f} dB over the current factor {v['current']:g})")
     out = {"weights": args.weights, "weights_path": str(path), "scale_temperature": chosen, **res,
-           "images": [p.name for p in paths], "device": str(device), "seconds": elapsed,
+           "images": [p.name for p in paths] if not args.val else [str(p) for p in paths], "crop": args.crop, "device": str(device), "seconds": elapsed,
            "command": programs.command_line(PROGRAM, argv)}
     if target is not None:
         model.conf["scale_temperature"] = {**model.conf["scale_temperature"], **chosen}

@@ -101,10 +101,13 @@ def test_calibrate_temperature_picks_the_best_mean_psnr_and_leaves_the_model():
     res = calibrate_temperature(model, lumas, scales=(2, 3), factors=(0.2, 5.0))
     assert res["factors"] == [0.2, 1.0, 5.0] and res["num_images"] == 3
     assert model.conf["scale_temperature"] == {"3": 7.0}  # restored
+    # the current factor (7 at x3, none = 1 at x2) is always measured, and gains are against it
+    assert res["scales"]["2"]["current"] == 1.0 and set(res["scales"]["2"]["psnr"]) == {"0.2", "1", "5"}
+    assert res["scales"]["3"]["current"] == 7.0 and set(res["scales"]["3"]["psnr"]) == {"0.2", "1", "5", "7"}
     for s in (2, 3):
         r = res["scales"][str(s)]
         # recompute every factor's mean PSNR by hand
-        for f in res["factors"]:
+        for f in map(float, r["psnr"]):
             psnrs = []
             for img in lumas:
                 hr = img[: img.shape[0] - img.shape[0] % s, : img.shape[1] - img.shape[1] % s].astype(np.float64)
@@ -113,7 +116,7 @@ def test_calibrate_temperature_picks_the_best_mean_psnr_and_leaves_the_model():
                 psnrs.append(sr_scores(out[0, 0].detach().numpy(), hr, s)[0])
             assert r["psnr"][f"{f:g}"] == pytest.approx(float(np.mean(psnrs)), abs=1e-9)
         assert r["psnr"][f"{r['best']:g}"] == max(r["psnr"].values())
-        assert r["gain_db"] == pytest.approx(max(r["psnr"].values()) - r["psnr"]["1"])
+        assert r["gain_db"] == pytest.approx(max(r["psnr"].values()) - r["psnr"][f"{r['current']:g}"])
     with pytest.raises(ValueError, match="N3Net-SR"):
         calibrate_temperature(VDSR(depth=3, features=4), lumas)
 
@@ -136,6 +139,20 @@ def test_calibrate_sr_program_exports_and_refuses_bad_input(tmp_path, capsys):
     for k, v in load_model(weights).state_dict().items():
         assert torch.equal(cal.state_dict()[k], v)
 
+    # --val: folders and files together, centre-cropped; the paths as given are recorded
+    other = tmp_path / "other"
+    write_image(other / "a.png", _images(1, 40, 36)[0])
+    out = prog.main(["--weights", str(weights), "--val", str(other), str(data / "im0.png"), "--crop", "24",
+                     "--scales", "2", "--factors", "3", "--json", str(tmp_path / "v.json"), "--device", "cpu"])
+    assert out["images"] == [str(other / "a.png"), str(data / "im0.png")] and out["crop"] == 24
+    assert out["num_images"] == 2 and set(out["scales"]["2"]["psnr"]) == {"1", "3"}
+    from n3images.io import read_image
+    crop = to_luma(read_image(other / "a.png", "auto")[8:32, 6:30], quantize=True).astype(np.float32)
+    direct = calibrate_temperature(load_model(weights), [crop, to_luma(read_image(data / "im0.png", "auto")[3:27, 5:29],
+                                                                       quantize=True).astype(np.float32)],
+                                   scales=(2,), factors=(3.0,))
+    assert out["scales"]["2"]["psnr"] == pytest.approx(direct["scales"]["2"]["psnr"], abs=1e-9)
+
     vdsr = save_model(tmp_path / "vdsr.pt", VDSR(depth=3, features=4))
     cases = [
         (["--weights", str(weights), "--data", str(data), "--export", str(tmp_path / "cal.pt")], "exists"),
@@ -143,6 +160,9 @@ def test_calibrate_sr_program_exports_and_refuses_bad_input(tmp_path, capsys):
         (["--weights", str(vdsr), "--data", str(data)], "no N3 blocks"),
         (["--weights", str(weights), "--data", str(tmp_path / "missing")], "missing"),
         (["--weights", str(weights), "--data", str(data), "--val-count", "9"], "--val-count 9"),
+        (["--weights", str(weights), "--val", str(other), str(tmp_path / "nope.png")], "--val " + str(tmp_path / "nope.png")),
+        (["--weights", str(weights), "--val", str(tmp_path / "empty")], "--val"),
+        (["--weights", str(weights), "--val", str(other), "--crop", "4"], "--crop"),
     ]
     for argv, match in cases:
         capsys.readouterr()
