@@ -45,6 +45,7 @@ __all__ = [
     "n3net_sr_x234_cal",
     "vdsr_x234_ft",
     "n3net_sr_x234_ft",
+    "n3net_sr_x234_ft_cal",
     "n3net_sr_aware_x234",
     "match_filter",
 ]
@@ -307,6 +308,17 @@ def n3net_sr_x234_ft(pretrained: bool = True, map_location: str | torch.device =
         map_location: device to load onto.
     """
     return _image_model("n3net-sr-x234-ft", pretrained, map_location)
+
+
+def n3net_sr_x234_ft_cal(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """``n3net-sr-x234-ft`` with its per-scale temperature factors re-chosen on validation crops of
+    building scenes (only x3 changed: 0.5 -> 1), ``n3net-sr-x234-ft-cal``; call it as ``model(x, scale=s)``.
+
+    Args:
+        pretrained: load the shipped weights (False: same architecture, random initialisation).
+        map_location: device to load onto.
+    """
+    return _image_model("n3net-sr-x234-ft-cal", pretrained, map_location)
 
 
 def n3net_sr_aware_x234(pretrained: bool = True, map_location: str | torch.device = "cpu") -> torch.nn.Module:

@@ -143,7 +143,7 @@ def run(args, argv=None) -> dict:
     if target is not None:
         model.conf["scale_temperature"] = {**model.conf["scale_temperature"], **chosen}
         meta = dict(getattr(model, "meta", {}))
-        meta["temperature_calibration"] = {k: out[k] for k in ("command", "scale_temperature", "factors", "scales",
+        meta["temperature_calibration"] = {k: out[k] for k in ("command", "scale_temperature", "factors", "scales", "crop",
                                                                   "images", "weights")}
         save_model(target, model.cpu(), **meta)
         out["export"] = str(target)

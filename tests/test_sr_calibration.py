@@ -267,3 +267,26 @@ def test_shipped_scale_aware_model_trained_from_scratch(data_root):
         inp = degrade(hr, scale)[1]
         out = super_resolve(model, inp, tile=None, scale=scale)
         assert sr_scores(out, hr, scale)[0] > sr_scores(inp, hr, scale)[0] + gain, scale
+
+
+def test_shipped_ft_model_recalibrated_on_building_crops(data_root):
+    """n3net-sr-x234-ft-cal: n3net-sr-x234-ft's weights with the factors calibrate_sr.py chose on
+    centre crops of Strecha building images (results/sr/calibration_ft_strecha.json): only x3 moved."""
+    import n3images
+
+    cal, ft = n3images.load_model("n3net-sr-x234-ft-cal"), n3images.load_model("n3net-sr-x234-ft")
+    record = json.loads((ROOT / "results" / "sr" / "calibration_ft_strecha.json").read_text())
+    assert cal.conf["scale_temperature"] == {k: float(v) for k, v in record["scale_temperature"].items()}
+    assert record["crop"] == 320 and all("/strecha/" in p for p in record["images"]) and len(record["images"]) == 11
+    assert {k: v["current"] for k, v in record["scales"].items()} == ft.conf["scale_temperature"]
+    changed = {k for k, v in cal.conf["scale_temperature"].items() if v != ft.conf["scale_temperature"][k]}
+    assert changed == {"3"}
+    assert "--crop 320" in cal.meta["temperature_calibration"]["command"]
+    for k, v in ft.state_dict().items():
+        assert torch.equal(cal.state_dict()[k], v)
+    from n3images.io import read_image
+    hr = to_luma(read_image(data_root / "images" / "set5" / "butterfly.png", "rgb")[64:160, 64:160], quantize=True)
+    for s in (2, 3, 4):
+        inp = degrade(hr[: 96 - 96 % s, : 96 - 96 % s], s)[1]
+        same = np.array_equal(super_resolve(cal, inp, tile=None, scale=s), super_resolve(ft, inp, tile=None, scale=s))
+        assert same == (str(s) not in changed), s
