@@ -123,3 +123,30 @@ def test_shipped_fine_tuned_models_record_where_they_started(data_root):
     for name in ("vdsr-x234-ft", "n3net-sr-x234-ft"):
         out = super_resolve(n3images.load_model(name), inp, tile=None, scale=4)
         assert sr_scores(out, hr, 4)[0] > bicubic + 2.5, name
+
+
+def test_shipped_second_fine_tune_round(data_root):
+    """vdsr-x234-ft2 / n3net-sr-x234-ft2: one more --init round from the -ft models, the same recipe and
+    budget each; N3Net-SR keeps the configuration (scale-aware, factors) it was trained with."""
+    import n3images
+    from n3images.io import read_image
+    from n3images.programs import sha256
+    from n3images.sr import degrade, sr_scores, super_resolve, to_luma
+    from n3sets.pretrained import resolve_weights
+
+    budgets = []
+    for name, parent in (("vdsr-x234-ft2", "vdsr-x234-ft"), ("n3net-sr-x234-ft2", "n3net-sr-x234-ft")):
+        model, before = n3images.load_model(name), n3images.load_model(parent)
+        init = model.meta["init"]
+        assert init["weights"] == parent and init["sha256"] == sha256(resolve_weights(parent)) and not init["widened"]
+        assert model.conf == before.conf
+        assert "--seed 3" in model.meta["command"] and "--lr 2e-5" in model.meta["command"]
+        budgets.append((model.meta["epochs_trained_total"], model.meta["batch_size"], model.meta["crop"]))
+    assert budgets[0] == budgets[1] == (12, 16, 48)
+    hr = to_luma(read_image(data_root / "images" / "set5" / "butterfly.png", "rgb")[64:160, 64:160], quantize=True)
+    inp = degrade(hr, 3)[1]
+    bicubic = sr_scores(inp, hr, 3)[0]
+    # x3 on this crop (measured): bicubic 24.43, vdsr-x234-ft2 28.91, n3net-sr-x234-ft2 28.29 dB
+    for name in ("vdsr-x234-ft2", "n3net-sr-x234-ft2"):
+        out = super_resolve(n3images.load_model(name), inp, tile=None, scale=3)
+        assert sr_scores(out, hr, 3)[0] > bicubic + 2.0, name
