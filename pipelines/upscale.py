@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Upscale one image file with a trained super-resolution model.
 
-    python pipelines/upscale.py photo.png photo_x3.png --scale 3 --weights n3net-sr-x234
+    python pipelines/upscale.py photo.png photo_x3.png --scale 3 --weights n3net-sr-x234-ft2
     python pipelines/upscale.py scan.tif scan_x2.tif --scale 2 --weights runs/vdsr/vdsr.pt --tile 256
 
 Any size, grey or colour, 8/16-bit PNG or TIFF, JPEG, BMP (``read_image(IN, "auto")``; an alpha
