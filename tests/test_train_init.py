@@ -99,54 +99,59 @@ def test_train_denoise_init_errors_name_the_file(images, tmp_path, load_program)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def _check_init_record(model, parent: str) -> dict:
+    """``model.meta["init"]`` names ``parent`` and the sha256 of its shipped file; returns the record."""
+    from n3images.programs import sha256
+    from n3sets.pretrained import resolve_weights
+
+    init = model.meta["init"]
+    assert init["weights"] == parent and init["sha256"] == sha256(resolve_weights(parent))
+    return init
+
+
+def _butterfly_gains(data_root, names, scale: int) -> dict:
+    """PSNR gain over bicubic (dB) of each shipped SR model on a 96x96 crop of set5 butterfly."""
+    import n3images
+    from n3images.io import read_image
+    from n3images.sr import degrade, sr_scores, super_resolve, to_luma
+
+    hr = to_luma(read_image(data_root / "images" / "set5" / "butterfly.png", "rgb")[64:160, 64:160], quantize=True)
+    inp = degrade(hr, scale)[1]
+    bicubic = sr_scores(inp, hr, scale)[0]
+    return {name: sr_scores(super_resolve(n3images.load_model(name), inp, tile=None, scale=scale), hr, scale)[0] - bicubic
+            for name in names}
+
+
 def test_shipped_fine_tuned_models_record_where_they_started(data_root):
     """vdsr-x234-ft / n3net-sr-x234-ft: the shipped SR models trained further with --init, the same budget each."""
     import n3images
-    from n3images.io import read_image
-    from n3images.programs import sha256
-    from n3images.sr import degrade, sr_scores, super_resolve, to_luma
-    from n3sets.pretrained import resolve_weights
 
     for name, parent in (("vdsr-x234-ft", "vdsr-x234"), ("n3net-sr-x234-ft", "n3net-sr-x234-cal")):
         model = n3images.load_model(name)
-        init = model.meta["init"]
-        assert init["weights"] == parent and init["sha256"] == sha256(resolve_weights(parent))
+        init = _check_init_record(model, parent)
         assert model.meta["patches_seen"] + init["patches_seen"] > init["patches_seen"] > 0
     n3 = n3images.load_model("n3net-sr-x234-ft")
     cal = n3images.load_model("n3net-sr-x234-cal")
     assert n3.conf["scale_aware"] is True and n3.conf["scale_temperature"] == cal.conf["scale_temperature"]
     assert n3.meta["init"]["widened"] == ["blocks.0.temperature.0.weight", "blocks.1.temperature.0.weight"]
-    hr = to_luma(read_image(data_root / "images" / "set5" / "butterfly.png", "rgb")[64:160, 64:160], quantize=True)
-    inp = degrade(hr, 4)[1]
-    bicubic = sr_scores(inp, hr, 4)[0]
     # x4 on this crop (measured): bicubic 22.65, vdsr-x234-ft 26.13, n3net-sr-x234-ft 26.20 dB
-    for name in ("vdsr-x234-ft", "n3net-sr-x234-ft"):
-        out = super_resolve(n3images.load_model(name), inp, tile=None, scale=4)
-        assert sr_scores(out, hr, 4)[0] > bicubic + 2.5, name
+    for name, gain in _butterfly_gains(data_root, ("vdsr-x234-ft", "n3net-sr-x234-ft"), 4).items():
+        assert gain > 2.5, name
 
 
 def test_shipped_second_fine_tune_round(data_root):
     """vdsr-x234-ft2 / n3net-sr-x234-ft2: one more --init round from the -ft models, the same recipe and
     budget each; N3Net-SR keeps the configuration (scale-aware, factors) it was trained with."""
     import n3images
-    from n3images.io import read_image
-    from n3images.programs import sha256
-    from n3images.sr import degrade, sr_scores, super_resolve, to_luma
-    from n3sets.pretrained import resolve_weights
 
     budgets = []
     for name, parent in (("vdsr-x234-ft2", "vdsr-x234-ft"), ("n3net-sr-x234-ft2", "n3net-sr-x234-ft")):
         model, before = n3images.load_model(name), n3images.load_model(parent)
-        init = model.meta["init"]
-        assert init["weights"] == parent and init["sha256"] == sha256(resolve_weights(parent)) and not init["widened"]
+        assert not _check_init_record(model, parent)["widened"]
         assert model.conf == before.conf
         assert "--seed 3" in model.meta["command"] and "--lr 2e-5" in model.meta["command"]
         budgets.append((model.meta["epochs_trained_total"], model.meta["batch_size"], model.meta["crop"]))
     assert budgets[0] == budgets[1] == (12, 16, 48)
-    hr = to_luma(read_image(data_root / "images" / "set5" / "butterfly.png", "rgb")[64:160, 64:160], quantize=True)
-    inp = degrade(hr, 3)[1]
-    bicubic = sr_scores(inp, hr, 3)[0]
     # x3 on this crop (measured): bicubic 24.43, vdsr-x234-ft2 28.91, n3net-sr-x234-ft2 28.29 dB
-    for name in ("vdsr-x234-ft2", "n3net-sr-x234-ft2"):
-        out = super_resolve(n3images.load_model(name), inp, tile=None, scale=3)
-        assert sr_scores(out, hr, 3)[0] > bicubic + 2.0, name
+    for name, gain in _butterfly_gains(data_root, ("vdsr-x234-ft2", "n3net-sr-x234-ft2"), 3).items():
+        assert gain > 2.0, name
