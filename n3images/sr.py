@@ -187,7 +187,7 @@ DEFAULT_FACTORS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)
 @torch.no_grad()
 def calibrate_temperature(model: torch.nn.Module, luma_images, scales=SCALES, factors=DEFAULT_FACTORS,
                           device: str | torch.device | None = None,
-                          progress: Callable[[str], object] | None = None) -> dict:
+                          progress: Callable[[str], object] | None = None, min_gain: float = 0.0) -> dict:
     """Choose, per scale, the factor on the N3 blocks' temperatures that maximises the mean
     validation PSNR (:func:`validation_pairs`, :func:`sr_scores`) of an N3Net-SR.
 
@@ -195,7 +195,8 @@ def calibrate_temperature(model: torch.nn.Module, luma_images, scales=SCALES, fa
     ``factors``, every scale tries 1 (the temperature CNNs' own output) and the model's current
     factor for that scale, so a model calibrated before, or trained with factors in its
     configuration, is measured as it is. A tie keeps the factor nearest to the current one (in
-    ratio). The model is left unchanged: the caller stores the result in
+    ratio), and the current factor stays unless another beats it by at least ``min_gain`` dB (a
+    few validation images do not resolve differences of a few hundredths of a dB). The model is left unchanged: the caller stores the result in
     ``conf["scale_temperature"]``. Returns ``{"factors": [...], "num_images": n, "scales": {"2":
     {"psnr": {factor: dB}, "current": factor, "best": factor, "gain_db": best - current}, ...}}``.
     """
@@ -209,8 +210,10 @@ def calibrate_temperature(model: torch.nn.Module, luma_images, scales=SCALES, fa
     pairs = validation_pairs(luma_images, scales)
     if not pairs:
         raise ValueError("calibrate_temperature: no validation images")
+    if not (np.isfinite(min_gain) and min_gain >= 0):
+        raise ValueError(f"calibrate_temperature: min_gain must be a number >= 0, got {min_gain}")
     saved = dict(table)
-    result = {"factors": factors, "num_images": len(pairs) // len(scales), "scales": {}}
+    result = {"factors": factors, "num_images": len(pairs) // len(scales), "min_gain": min_gain, "scales": {}}
     try:
         for s in scales:
             key = str(check_scale(s))
@@ -224,6 +227,8 @@ def calibrate_temperature(model: torch.nn.Module, luma_images, scales=SCALES, fa
                 if progress:
                     progress(f"x{s} factor {f:g}{' (current)' if f == current else ''}: {mean[f]:.3f} dB")
             best = max(mean, key=lambda f: (round(mean[f], 6), -abs(np.log(f / current))))
+            if mean[best] - mean[current] < min_gain:
+                best = current
             result["scales"][key] = {"psnr": {f"{f:g}": mean[f] for f in mean}, "current": current, "best": best,
                                      "gain_db": mean[best] - mean[current]}
     finally:

@@ -10,7 +10,7 @@ every ``--scales`` factor this program multiplies the temperatures of all N3 blo
 ``--factors`` (1, the temperature CNNs' own output, and the model's current factor for that scale
 are always tried), scores the validation images exactly as ``train_sr.py`` validates (luma,
 MATLAB bicubic degradation, PSNR on Y with ``scale`` pixels shaved), and keeps the factor with
-the best mean PSNR (a tie keeps the current factor). The validation images are the last
+the best mean PSNR (a tie keeps the current factor, and so does a gain below ``--min-gain`` dB). The validation images are the last
 ``--val-count`` images of ``--data`` in sorted order (the trainer's held-out split), or those of
 ``--val``: folders (every image in them) and image files, for example scenes that resemble the
 images the model will be used on; ``--crop N`` takes the central N x N pixels of each.
@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scales", type=int, nargs="+", default=list(SCALES), metavar="S", help="scales to calibrate")
     p.add_argument("--factors", type=float, nargs="+", default=list(DEFAULT_FACTORS), metavar="F",
                    help="temperature factors tried (1 is always added; default %(default)s)")
+    p.add_argument("--min-gain", type=float, default=0.0, metavar="DB",
+                   help="keep the current factor unless another is at least DB better on validation (default 0)")
     p.add_argument("--export", metavar="NAME_OR_PATH",
                    help="write the calibrated model: a name (n3images/weights/NAME.pt) or a .pt path")
     p.add_argument("--overwrite", action="store_true", help="let --export replace an existing file")
@@ -109,6 +111,8 @@ def centre_crop(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def run(args, argv=None) -> dict:
+    if not (np.isfinite(args.min_gain) and args.min_gain >= 0):
+        raise UsageError(f"--min-gain must be a number >= 0 (dB), got {args.min_gain}")
     if args.crop is not None and args.crop < 16:
         raise UsageError(f"--crop must be at least 16 pixels, got {args.crop}")
     device = pick_device(args.device)
@@ -130,7 +134,7 @@ def run(args, argv=None) -> dict:
     model = model.to(device).eval()
     start = time.perf_counter()
     res = calibrate_temperature(model, lumas, args.scales, args.factors, device=device,
-                                progress=lambda line: print(line, flush=True))
+                                progress=lambda line: print(line, flush=True), min_gain=args.min_gain)
     elapsed = time.perf_counter() - start
     chosen = {k: v["best"] for k, v in res["scales"].items()}
     for k, v in res["scales"].items():
@@ -138,13 +142,14 @@ def run(args, argv=None) -> dict:
         print(f"x{k}: factor {v['best']:g} ({best_db:.3f} dB, "
               f"{v['gain_db']:+.3f} dB over the current factor {v['current']:g})")
     out = {"weights": args.weights, "weights_path": str(path), "scale_temperature": chosen, **res,
-           "images": [p.name for p in paths] if not args.val else [str(p) for p in paths], "crop": args.crop, "device": str(device), "seconds": elapsed,
+           "images": [str(p) for p in paths] if args.val else [p.name for p in paths], "crop": args.crop,
+           "device": str(device), "seconds": elapsed,
            "command": programs.command_line(PROGRAM, argv)}
     if target is not None:
         model.conf["scale_temperature"] = {**model.conf["scale_temperature"], **chosen}
         meta = dict(getattr(model, "meta", {}))
-        meta["temperature_calibration"] = {k: out[k] for k in ("command", "scale_temperature", "factors", "scales", "crop",
-                                                                  "images", "weights")}
+        keys = ("command", "scale_temperature", "factors", "scales", "crop", "min_gain", "images", "weights")
+        meta["temperature_calibration"] = {k: out[k] for k in keys}
         save_model(target, model.cpu(), **meta)
         out["export"] = str(target)
         print(f"wrote {target}")

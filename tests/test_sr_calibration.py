@@ -117,6 +117,12 @@ def test_calibrate_temperature_picks_the_best_mean_psnr_and_leaves_the_model():
             assert r["psnr"][f"{f:g}"] == pytest.approx(float(np.mean(psnrs)), abs=1e-9)
         assert r["psnr"][f"{r['best']:g}"] == max(r["psnr"].values())
         assert r["gain_db"] == pytest.approx(max(r["psnr"].values()) - r["psnr"][f"{r['current']:g}"])
+    # a factor replaces the current one only when it gains at least min_gain dB
+    kept = calibrate_temperature(model, lumas, scales=(2, 3), factors=(0.2, 5.0), min_gain=1e3)
+    assert {k: v["best"] for k, v in kept["scales"].items()} == {"2": 1.0, "3": 7.0} and kept["min_gain"] == 1e3
+    assert all(v["gain_db"] == 0 and v["psnr"] == res["scales"][k]["psnr"] for k, v in kept["scales"].items())
+    with pytest.raises(ValueError, match="min_gain"):
+        calibrate_temperature(model, lumas, min_gain=-0.1)
     with pytest.raises(ValueError, match="N3Net-SR"):
         calibrate_temperature(VDSR(depth=3, features=4), lumas)
 
@@ -163,6 +169,7 @@ def test_calibrate_sr_program_exports_and_refuses_bad_input(tmp_path, capsys):
         (["--weights", str(weights), "--val", str(other), str(tmp_path / "nope.png")], "--val " + str(tmp_path / "nope.png")),
         (["--weights", str(weights), "--val", str(tmp_path / "empty")], "--val"),
         (["--weights", str(weights), "--val", str(other), "--crop", "4"], "--crop"),
+        (["--weights", str(weights), "--val", str(other), "--min-gain", "-0.5"], "--min-gain"),
     ]
     for argv, match in cases:
         capsys.readouterr()
