@@ -196,8 +196,8 @@ def calibrate_temperature(model: torch.nn.Module, luma_images, scales=SCALES, fa
     factor for that scale, so a model calibrated before, or trained with factors in its
     configuration, is measured as it is. A tie keeps the factor nearest to the current one (in
     ratio), and the current factor stays unless another beats it by at least ``min_gain`` dB (a
-    few validation images do not resolve differences of a few hundredths of a dB). The model is left unchanged: the caller stores the result in
-    ``conf["scale_temperature"]``. Returns ``{"factors": [...], "num_images": n, "scales": {"2":
+    few validation images do not resolve differences of a few hundredths of a dB). The model is
+    left unchanged: the caller stores the result in ``conf["scale_temperature"]``. Returns ``{"factors": [...], "num_images": n, "scales": {"2":
     {"psnr": {factor: dB}, "current": factor, "best": factor, "gain_db": best - current}, ...}}``.
     """
     table = getattr(model, "conf", {}).get("scale_temperature")
@@ -207,11 +207,11 @@ def calibrate_temperature(model: torch.nn.Module, luma_images, scales=SCALES, fa
     factors = sorted({float(f) for f in factors} | {1.0})
     if any(not (np.isfinite(f) and f > 0) for f in factors):
         raise ValueError(f"calibrate_temperature: factors must be positive numbers, got {factors}")
+    if not (np.isfinite(min_gain) and min_gain >= 0):
+        raise ValueError(f"calibrate_temperature: min_gain must be a number >= 0, got {min_gain}")
     pairs = validation_pairs(luma_images, scales)
     if not pairs:
         raise ValueError("calibrate_temperature: no validation images")
-    if not (np.isfinite(min_gain) and min_gain >= 0):
-        raise ValueError(f"calibrate_temperature: min_gain must be a number >= 0, got {min_gain}")
     saved = dict(table)
     result = {"factors": factors, "num_images": len(pairs) // len(scales), "min_gain": min_gain, "scales": {}}
     try:

@@ -10,11 +10,11 @@ every ``--scales`` factor this program multiplies the temperatures of all N3 blo
 ``--factors`` (1, the temperature CNNs' own output, and the model's current factor for that scale
 are always tried), scores the validation images exactly as ``train_sr.py`` validates (luma,
 MATLAB bicubic degradation, PSNR on Y with ``scale`` pixels shaved), and keeps the factor with
-the best mean PSNR (a tie keeps the current factor, and so does a gain below ``--min-gain`` dB). The validation images are the last
-``--val-count`` images of ``--data`` in sorted order (the trainer's held-out split), or those of
-``--val``: folders (every image in them) and image files, for example scenes that resemble the
-images the model will be used on; ``--crop N`` takes the central N x N pixels of each.
-``--export`` writes a weight file with the same weights and
+the best mean PSNR (a tie keeps the current factor, and so does a gain below ``--min-gain`` dB).
+The validation images are the last ``--val-count`` images of ``--data`` in sorted order (the
+trainer's held-out split), or those of ``--val``: folders (every image in them) and image files,
+for example scenes that resemble the images the model will be used on; ``--crop N`` takes the
+central N x N pixels of each. ``--export`` writes a weight file with the same weights and
 ``conf["scale_temperature"] = {"2": f2, ...}``; ``eval_sr.py`` and ``upscale.py`` pass the scale to
 the model, which then uses its factor. Choose the factors on validation images only, never on
 a test set.
