@@ -113,10 +113,31 @@ def dist_setup(threads: int | None, *, thread_independent: bool = False) -> tupl
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        _init_gloo_group(world)
     rank = dist.get_rank() if dist.is_initialized() else 0
     set_threads(threads, thread_independent=thread_independent)
     return rank, world
+
+
+def _init_gloo_group(world: int) -> None:
+    """``init_process_group("gloo")`` from torchrun's environment, safe across ``--max-restarts``.
+
+    torchrun keeps one key-value store for all attempts of a worker group, and torch's ``env://``
+    rendezvous does not separate the attempts: the gloo addresses that the crashed attempt
+    registered are still there, and a restarted process may connect to a dead peer and time out.
+    Restarted attempts (``TORCHELASTIC_RESTART_COUNT`` > 0) therefore use the store under a prefix
+    of their own.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0:
+        dist.init_process_group("gloo")
+        return
+    rank = int(os.environ["RANK"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # hosted by torchrun itself
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0)
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"n3/attempt_{attempt}", store), rank=rank,
+                            world_size=world)
 
 
 def dist_teardown() -> None:

@@ -20,7 +20,9 @@ optimizer, epoch, step, RNG state; data order and subsampling depend on (seed, e
 meta) to ``n3sets/weights/NAME.pt``, or to NAME itself when it is a path.
 
 Runs unchanged under ``torchrun --nproc_per_node=2`` (DistributedDataParallel, gloo on CPU,
-DistributedSampler; validation is split across ranks and gathered; only rank 0 writes).
+DistributedSampler; validation is split across ranks and gathered; only rank 0 writes). Under
+``torchrun --max-restarts=K`` with ``--resume``, a crashed process restarts the group from the
+last epoch's checkpoint and the run ends as if uninterrupted.
 """
 from __future__ import annotations
 
