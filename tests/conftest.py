@@ -96,3 +96,42 @@ def stripe_images(tmp_path_factory) -> Path:
         img = 0.5 + 0.4 * np.sin(xx * (0.3 + 0.1 * i) + yy * 0.2 * i) * np.cos(yy * 0.25)
         write_image(folder / f"img{i}.png", img.astype(np.float32))
     return folder
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """``torchrun("train_denoise.py", args)`` runs ``pipelines/train_denoise.py ARGS`` as two gloo
+    processes the way the README tells users to (``torchrun --standalone --nproc_per_node=2
+    --max-restarts=1``) and returns the finished ``subprocess.CompletedProcess``.
+
+    ``crash_after_barrier=N`` launches it through ``tests/torchrun_crash.py``: rank 1 aborts after
+    its N-th end-of-epoch barrier, once, and torchrun restarts the group. A failed run fails the
+    test with the error lines of every process (not just the launcher's last words); a restart
+    nobody asked for is reported as a warning, so that a crash absorbed by it stays visible.
+    """
+    import re
+    import subprocess
+    import sys
+    import warnings
+
+    def run(program: str, args, *, crash_after_barrier: int | None = None, timeout: float = 300):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--max-restarts=1"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        if crash_after_barrier is not None:
+            cmd.append(str(ROOT / "tests" / "torchrun_crash.py"))
+            env["N3_TEST_CRASH_AFTER_BARRIER"] = str(crash_after_barrier)
+        cmd += [str(ROOT / "pipelines" / program), *map(str, args)]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        errors = [line for line in r.stderr.splitlines()
+                  if re.search(r"Error|terminate called|what\(\)|Fatal|failed \(exitcode|Signal \d+", line)]
+        if r.returncode != 0:
+            pytest.fail(f"torchrun {program} exited with {r.returncode}; error lines of all processes:\n"
+                        + "\n".join(errors[-60:]) + "\n--- end of stderr ---\n" + r.stderr[-1500:], pytrace=False)
+        restarts = [line for line in errors if "failed (exitcode" in line]
+        if restarts and crash_after_barrier is None:
+            warnings.warn(f"torchrun {program} succeeded only after restarting its workers:\n" + "\n".join(errors[-30:]))
+        r.restarts = len(restarts)
+        return r
+
+    return run

@@ -1,7 +1,6 @@
 """pipelines/train_sr.py, eval_sr.py and upscale.py on tiny models and small images (a few seconds each)."""
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -264,13 +263,9 @@ def test_bench_sr_section_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_torchrun_two_processes_n3net(env, tmp_path):
+def test_train_torchrun_two_processes_n3net(env, tmp_path, torchrun):
     """DDP with N3 blocks (whose DistanceNorm shift gets no gradient) and per-step scales shared by the processes."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29677",
-           str(ROOT / "pipelines" / "train_sr.py"), "--data", str(env["train"]), "--out", str(out), "--epochs", "1"] + N3
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    torchrun("train_sr.py", ["--data", env["train"], "--out", out, "--epochs", "1"] + N3)
     ckpt = torch.load(out / "last.pt", weights_only=False)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 2 and "torchrun --nproc_per_node=2" in ckpt["command"]

@@ -2,9 +2,6 @@
 import csv
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -122,20 +119,35 @@ def test_existing_run_is_never_replaced_silently(pipeline, tiny_data, tmp_path, 
     assert ckpt["epoch"] == 1 and len(ckpt["commands"]) == 1 and "--overwrite" in ckpt["commands"][0]
 
 
-def test_torchrun_two_processes(tiny_data, tmp_path):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
-           *_args(tiny_data, out, "--epochs", "1")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    log = json.loads((out / "log.json").read_text())
+@pytest.fixture(scope="module")
+def ddp_run(tiny_data, tmp_path_factory, torchrun):
+    """Two epochs under torchrun (2 gloo processes), uninterrupted: the reference run."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    torchrun("train_corr.py", _args(tiny_data, out, "--epochs", "2", "--resume"), timeout=180)
+    return out
+
+
+def test_torchrun_two_processes(ddp_run):
+    log = json.loads((ddp_run / "log.json").read_text())
     assert log["world_size"] == 2 and log["command"].startswith("torchrun --nproc_per_node=2")
-    assert log["history"][0]["step"] == 1  # 8 pairs / (2 processes x batch 4)
-    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert [h["step"] for h in log["history"]] == [1, 2]  # 8 pairs / (2 processes x batch 4) per epoch
+    ckpt = torch.load(ddp_run / "last.pt", map_location="cpu", weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     # validation was split over the ranks and gathered: every pair counted once
     assert ckpt["best"]["num_pairs"] == 4
+
+
+def test_torchrun_restart_after_a_crash_resumes_exactly(ddp_run, tiny_data, tmp_path, torchrun):
+    """Rank 1 aborts after epoch 1; torchrun --max-restarts restarts both processes, --resume picks
+    up epoch 1's checkpoint, and the result is the uninterrupted run's, bit for bit."""
+    out = tmp_path / "crashed"
+    r = torchrun("train_corr.py", _args(tiny_data, out, "--epochs", "2", "--resume"), crash_after_barrier=1,
+                 timeout=180)
+    assert r.restarts == 1 and f"resumed from {out / 'last.pt'}" in r.stdout
+    got, want = (torch.load(d / "last.pt", map_location="cpu", weights_only=False) for d in (out, ddp_run))
+    assert got["epoch"] == 2 and len(got["commands"]) == 2
+    assert [h["train_loss"] for h in got["history"]] == [h["train_loss"] for h in want["history"]]
+    assert all(torch.equal(got["model"][k], want["model"][k]) for k in want["model"])
 
 
 def test_bad_arguments(pipeline, tiny_data, tmp_path, capsys):
