@@ -194,10 +194,12 @@ def main(argv=None) -> int:
     }
     import torch
 
+    from n3sets.cli import cpu_info
+
     report = {
         "settings": {k: getattr(args, k) for k in ("data", "pairs", "matches", "weights", "repeats", "threads",
                                                       "max_iters")},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+        "machine": {"platform": platform.platform(), **cpu_info(), "python": platform.python_version(),
                     "torch": torch.__version__, "cpus": os.cpu_count()},
         "results": rows,
         "ratios": ratios,

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from n3sets.cli import write_json
+from n3sets.cli import cpu_info, write_json
 
 GIB = 1024 ** 3
 
@@ -99,6 +99,7 @@ def machine_info(threads: int) -> dict:
 
     return {
         "platform": platform.platform(),
+        **cpu_info(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,

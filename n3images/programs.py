@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from n3sets.cli import UsageError, add_threads_argument, check_writable_folder, write_json
+from n3sets.cli import UsageError, add_threads_argument, check_writable_folder, cpu_info, write_json
 from n3sets.pretrained import resolve_weights, weights_name
 from n3sets.training import resolve_device
 
@@ -259,6 +259,7 @@ def eval_settings(program: str, argv, args, names: list[str], datasets: dict, we
         "weights_duplicates": duplicates,
         "tile": args.tile,
         "device": str(device),
+        **(cpu_info() if device.type == "cpu" else {}),
         "threads": torch.get_num_threads(),
         "torch": str(torch.__version__),
         "numpy": np.__version__,

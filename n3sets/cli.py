@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["UsageError", "one_line", "errors_exit", "check_writable_folder", "load_weights_arg", "DEFAULT_THREADS",
-           "resolve_threads", "add_threads_argument", "atomic_write", "write_json"]
+           "resolve_threads", "add_threads_argument", "atomic_write", "write_json", "cpu_info"]
 
 #: what a program reports as bad input (one line, exit 2) rather than as a crash
 INPUT_ERRORS = (ValueError, FileNotFoundError, OSError)
@@ -73,6 +73,26 @@ def write_json(path, obj, indent: int = 1) -> Path:
     with atomic_write(path) as f:
         f.write(text)
     return Path(path)
+
+
+def cpu_info() -> dict:
+    """The processor, for reports of timings and of results that depend on it: ``{"cpu": model
+    name, "cpu_capability": the vector instruction set torch's kernels use ("AVX2", "AVX512", ...)}``.
+
+    Timings, and the last bits of float results (hence a training run's numbers), depend on it:
+    MKL and torch pick their kernels per processor.
+    """
+    import platform
+
+    import torch
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return {"cpu": name, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def check_writable_folder(folder, label: str) -> None:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_n3_set.py"
 
@@ -16,6 +18,7 @@ def test_set_benchmark_writes_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert set(report) >= {"settings", "machine", "results", "ratios", "table_markdown"}
+    assert report["machine"]["cpu"] and report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     rows = {r["impl"]: r for r in report["results"]}
     assert set(rows) == {"dense", "chunked"}
     for r in rows.values():

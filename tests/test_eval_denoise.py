@@ -112,6 +112,7 @@ def test_json_contract_and_protocol(env, tmp_path, capsys):
     assert s["images"] == {"set3": ["img0.png", "img1.png", "img2.png"]}
     assert s["sigma"] == [25.0, 50.0] and s["noise"] == "gaussian" and s["baselines"] == ["nlm"]
     assert s["threads"] == 1 and s["device"] == "cpu" and s["torch"] == str(torch.__version__)
+    assert s["cpu"] and s["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # timings depend on it
     assert "eval_denoise.py" in s["command"] and "--weights" in s["command"]
     w = s["weights"]["dncnn_a"]
     assert w["path"] == env["dncnn"] and w["class"] == "DnCNN" and len(w["sha256"]) == 64
