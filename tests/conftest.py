@@ -101,8 +101,9 @@ def stripe_images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def torchrun():
     """``torchrun("train_denoise.py", args)`` runs ``pipelines/train_denoise.py ARGS`` as two gloo
-    processes the way the README tells users to (``torchrun --standalone --nproc_per_node=2
-    --max-restarts=1``) and returns the finished ``subprocess.CompletedProcess``.
+    processes, restartable as the README's DDP commands are (``torchrun --standalone
+    --nproc_per_node=2 --max-restarts=1``; ``--standalone``: a free port, not a fixed one), and
+    returns the finished ``subprocess.CompletedProcess``.
 
     ``crash_after_barrier=N`` launches it through ``tests/torchrun_crash.py``: rank 1 aborts after
     its N-th end-of-epoch barrier, once, and torchrun restarts the group. A failed run fails the
