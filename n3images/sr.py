@@ -197,8 +197,10 @@ def calibrate_temperature(model: torch.nn.Module, luma_images, scales=SCALES, fa
     configuration, is measured as it is. A tie keeps the factor nearest to the current one (in
     ratio), and the current factor stays unless another beats it by at least ``min_gain`` dB (a
     few validation images do not resolve differences of a few hundredths of a dB). The model is
-    left unchanged: the caller stores the result in ``conf["scale_temperature"]``. Returns ``{"factors": [...], "num_images": n, "scales": {"2":
-    {"psnr": {factor: dB}, "current": factor, "best": factor, "gain_db": best - current}, ...}}``.
+    left unchanged: the caller stores the result in ``conf["scale_temperature"]``.
+
+    Returns ``{"factors": [...], "num_images": n, "min_gain": dB, "scales": {"2": {"psnr":
+    {factor: dB}, "current": factor, "best": factor, "gain_db": best - current}, ...}}``.
     """
     table = getattr(model, "conf", {}).get("scale_temperature")
     if not isinstance(table, dict):

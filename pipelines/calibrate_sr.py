@@ -83,24 +83,28 @@ def validation_images(args) -> tuple[list[Path], list[np.ndarray]]:
         for spec in args.val:
             try:
                 found = list_images(spec) if Path(spec).is_dir() else [Path(spec)]
-                images += [read_image(path, "auto") for path in found]
             except (ValueError, FileNotFoundError) as exc:
                 raise UsageError(f"--val {spec}: {one_line(exc)}") from None
             paths += found
+            images += read_images(found, f"--val {spec}")
     else:
         try:
-            _, val_paths = split_train_val(args.data, args.val_count)
+            _, paths = split_train_val(args.data, args.val_count)
         except (ValueError, FileNotFoundError) as exc:
             raise UsageError(f"--data {args.data}: {one_line(exc)}") from None
-        paths, images = val_paths, []
-        for path in paths:
-            try:
-                images.append(read_image(path, "auto"))
-            except (ValueError, FileNotFoundError) as exc:
-                raise UsageError(f"--data {args.data}: {one_line(exc)}") from None
+        images = read_images(paths, f"--data {args.data}")
     if args.crop:
         images = [centre_crop(img, args.crop) for img in images]
     return paths, [to_luma(img, quantize=True).astype(np.float32) for img in images]
+
+
+def read_images(paths: list[Path], option: str) -> list[np.ndarray]:
+    """Every image of ``paths`` (``read_image(path, "auto")``); an unreadable one is a UsageError
+    naming ``option``."""
+    try:
+        return [read_image(path, "auto") for path in paths]
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(f"{option}: {one_line(exc)}") from None
 
 
 def centre_crop(img: np.ndarray, size: int) -> np.ndarray:

@@ -24,8 +24,9 @@ or ``--overwrite``. ``--export NAME`` writes the best checkpoint as a shippable 
 (``n3images/weights/NAME.pt``, or NAME itself when it is a path). Runs under
 ``torchrun --nproc_per_node=N`` (DistributedDataParallel over gloo) and on a CUDA GPU when there
 is one (``--device``); under ``torchrun --max-restarts=K`` with ``--resume``, a crashed process
-restarts the group from the last epoch's checkpoint and the run ends as if uninterrupted. The machinery is :mod:`n3images.training`, shared with
-``train_sr.py``; this file only says how noisy training pairs and validation pairs are made.
+restarts the group from the last epoch's checkpoint and the run ends as if uninterrupted. The
+machinery is :mod:`n3images.training`, shared with ``train_sr.py``; this file only says how noisy
+training pairs and validation pairs are made.
 """
 from __future__ import annotations
 
